@@ -1,0 +1,109 @@
+"""The actor loss that hands entropies to the policy loss (verl 0.9's ``ppo_loss`` plus two tensors).
+
+verl's ``verl.workers.utils.losses.ppo_loss`` calls the registered policy loss with a fixed set of
+arguments and no entropies. For ERC losses this function does the same work with ``entropy=``
+(current policy, from the model output of the update micro-batch) and ``old_entropy=`` (the field the
+ERC trainer adds to the batch from verl's own ``compute_log_prob`` pass). Every other loss mode is
+delegated to verl's ``ppo_loss`` untouched. ``tests/test_actor_loss.py`` checks that the ERC path with
+bounds (0, inf) reproduces verl's ``ppo_loss`` exactly, so a change in verl's loss shows up as a failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tensordict import TensorDict
+
+from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
+from verl.utils.metric import AggregationType, Metric
+from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
+from verl.workers.utils.padding import no_padding_2_padding
+
+from erc_verl.losses import is_erc_loss_mode
+
+OLD_ENTROPY_KEY = "old_entropy"
+
+_AGGREGATION_BY_SUFFIX = {"_min": AggregationType.MIN, "_max": AggregationType.MAX}
+
+
+def _policy_metrics(metrics: dict[str, Any]) -> dict[str, Metric]:
+    """Per-micro-batch policy metrics; extremes aggregate as extremes, the rest as means (as verl does)."""
+    out = {}
+    for key, value in metrics.items():
+        aggregation = next((a for s, a in _AGGREGATION_BY_SUFFIX.items() if key.endswith(s)), AggregationType.MEAN)
+        out[key] = Metric(value=value, aggregation=aggregation)
+    return out
+
+
+def ppo_loss_with_entropy(config: Any, model_output: dict, data: TensorDict, dp_group=None):
+    """verl's actor PPO loss, passing ``entropy`` and ``old_entropy`` to ERC policy losses."""
+    loss_mode = config.policy_loss.get("loss_mode", "vanilla")
+    if not is_erc_loss_mode(loss_mode):
+        return verl_ppo_loss(config, model_output, data, dp_group)
+
+    if model_output.get("entropy") is None:
+        raise RuntimeError(
+            f"loss_mode={loss_mode!r} needs the current policy's entropy, but the actor engine did not compute it. "
+            "The ERC worker asks for it via the micro-batch flag set by the ERC trainer: launch with "
+            "`python -m erc_verl.main_ppo`, or set actor_rollout_ref.actor.calculate_entropy=True."
+        )
+    if OLD_ENTROPY_KEY not in data.keys():
+        raise RuntimeError(
+            f"loss_mode={loss_mode!r} needs the old policy's entropy (field {OLD_ENTROPY_KEY!r}) in the update batch. "
+            "The ERC trainer carries it from compute_log_prob: launch with `python -m erc_verl.main_ppo`. "
+            "With algorithm.rollout_correction.bypass_mode=True no old entropy exists; ERC cannot run there."
+        )
+
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    entropy = no_padding_2_padding(model_output["entropy"], data)
+
+    config.global_batch_info["dp_size"] = data["dp_size"]
+    config.global_batch_info["batch_num_tokens"] = data["batch_num_tokens"]
+    config.global_batch_info["global_batch_size"] = data["global_batch_size"]
+    config.global_batch_info["loss_scale_factor"] = config.loss_scale_factor
+    global_normalisation = (
+        data["dp_size"] > 1
+        or data["batch_num_tokens"] is not None
+        or data["global_batch_size"] is not None
+        or config.loss_scale_factor is not None
+    )
+    metric_aggregation = AggregationType.SUM if global_normalisation else AggregationType.MEAN
+
+    fields = ["response_mask", "old_log_probs", "advantages", OLD_ENTROPY_KEY]
+    fields += [key for key in ("rollout_is_weights", "ref_log_prob") if key in data]
+    padded = data.select(*fields).to_padded_tensor()
+    response_mask = padded["response_mask"].to(bool)
+
+    pg_loss, pg_metrics = get_policy_loss_fn(loss_mode)(
+        old_log_prob=padded["old_log_probs"],
+        log_prob=log_prob,
+        advantages=padded["advantages"],
+        response_mask=response_mask,
+        loss_agg_mode=config.loss_agg_mode,
+        config=config,
+        rollout_is_weights=padded.get("rollout_is_weights", None),
+        entropy=entropy,
+        old_entropy=padded[OLD_ENTROPY_KEY],
+    )
+
+    metrics: dict[str, Any] = _policy_metrics(pg_metrics)
+    metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=metric_aggregation)
+    policy_loss = pg_loss
+
+    entropy_loss = agg_loss(
+        loss_mat=entropy, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info
+    )
+    if config.entropy_coeff != 0:
+        policy_loss = policy_loss - config.entropy_coeff * entropy_loss
+    metrics["actor/entropy_loss"] = Metric(value=entropy_loss.detach(), aggregation=metric_aggregation)
+
+    if config.use_kl_loss:
+        kld = kl_penalty(logprob=log_prob, ref_logprob=padded["ref_log_prob"], kl_penalty=config.kl_loss_type)
+        kl_loss = agg_loss(
+            loss_mat=kld, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info
+        )
+        policy_loss = policy_loss + kl_loss * config.kl_loss_coef
+        metrics["kl_loss"] = Metric(value=kl_loss, aggregation=metric_aggregation)
+        metrics["kl_coef"] = config.kl_loss_coef
+
+    return policy_loss, metrics

@@ -1,0 +1,104 @@
+"""Actor config dataclasses that carry the ERC keys through verl's ``omega_conf_to_dataclass``.
+
+verl workers turn ``actor_rollout_ref.actor`` into the class named by its ``_target_``; stock
+``FSDPActorConfig`` rejects unknown keys. Our Hydra config points ``_target_`` here, so
+``entropy_mask_low/high`` survive the conversion in every worker and bad values fail at
+construction, which the entry point does on the driver before any worker starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from verl.base_config import BaseConfig
+from verl.workers.config import FSDPActorConfig
+
+from erc_verl.gate import ERCBounds
+from erc_verl.losses import erc_base_loss_mode, is_erc_loss_mode
+
+
+@dataclass
+class ERCDiagnosticsConfig(BaseConfig):
+    """Opt-in token sampling for the paper's scatter plots (see erc_verl.diagnostics).
+
+    Args:
+        dir: Directory for per-rank sample files; None turns diagnostics off.
+        tokens_per_step: Response tokens sampled at random per loss call (micro-batch).
+        max_records: Cap on records one process writes in total (bounds disk use).
+        seed: Seed of the sampler (combined with the rank).
+    """
+
+    dir: Optional[str] = None
+    tokens_per_step: int = 256
+    max_records: int = 200_000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.tokens_per_step <= 0 or self.max_records <= 0:
+            raise ValueError(
+                "actor_rollout_ref.actor.erc_diagnostics.tokens_per_step and .max_records must be positive, got "
+                f"{self.tokens_per_step} and {self.max_records}."
+            )
+
+
+@dataclass
+class ERCFSDPActorConfig(FSDPActorConfig):
+    """verl's FSDP actor config plus the ERC keys (reference names kept for drop-in overrides).
+
+    Args:
+        entropy_mask_low: A token keeps its gradient only if entropy ratio > this (paper: 0.95).
+        entropy_mask_high: ... and entropy ratio < this (paper: 1.05).
+        erc_base_loss_mode: With ``policy_loss.loss_mode=erc``: the registered verl loss to gate.
+        erc_diagnostics: Token sampling for plots; off unless ``erc_diagnostics.dir`` is set.
+    """
+
+    entropy_mask_low: float = 0.95
+    entropy_mask_high: float = 1.05
+    erc_base_loss_mode: Optional[str] = None
+    erc_diagnostics: ERCDiagnosticsConfig = field(default_factory=ERCDiagnosticsConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        ERCBounds(float(self.entropy_mask_low), float(self.entropy_mask_high))
+        loss_mode = self.policy_loss.get("loss_mode", "vanilla")
+        if is_erc_loss_mode(loss_mode):
+            erc_base_loss_mode(loss_mode, self)
+        if isinstance(self.erc_diagnostics, dict):
+            object.__setattr__(self, "erc_diagnostics", ERCDiagnosticsConfig(**self.erc_diagnostics))
+
+
+def validate_erc_config(config) -> None:
+    """Refuse, on the driver and before any worker starts, what would fail or silently degrade later."""
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+    from verl.utils.config import omega_conf_to_dataclass
+
+    actor = config.actor_rollout_ref.actor
+    loss_mode = actor.policy_loss.get("loss_mode", "vanilla")
+    if loss_mode not in POLICY_LOSS_REGISTRY:
+        raise ValueError(
+            f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r} is not a registered verl policy loss; "
+            f"choose one of {sorted(POLICY_LOSS_REGISTRY)}."
+        )
+    if actor.get("strategy") not in ("fsdp", "fsdp2"):
+        raise ValueError(
+            f"erc-verl supports FSDP actors (actor_rollout_ref.actor.strategy=fsdp|fsdp2), got {actor.get('strategy')!r}."
+        )
+    # Builds ERCFSDPActorConfig exactly as the workers will: bad bounds / base loss fail here.
+    actor_config = omega_conf_to_dataclass(actor)
+    if not isinstance(actor_config, ERCFSDPActorConfig):
+        raise ValueError(
+            "actor_rollout_ref.actor._target_ must be erc_verl.config.ERCFSDPActorConfig (the ERC keys are lost "
+            f"otherwise), got {type(actor_config).__name__}. Use `python -m erc_verl.main_ppo`, whose config sets it."
+        )
+    if not is_erc_loss_mode(loss_mode):
+        return
+    rollout_correction = config.algorithm.get("rollout_correction") or {}
+    if rollout_correction.get("bypass_mode", False):
+        raise ValueError(
+            f"loss_mode={loss_mode!r} needs the old policy's entropy from compute_log_prob, which "
+            "algorithm.rollout_correction.bypass_mode=True skips. Set bypass_mode=False or use a non-ERC loss."
+        )
+    distillation = config.get("distillation") or {}
+    if distillation.get("enabled", False):
+        raise ValueError(f"loss_mode={loss_mode!r} does not support distillation; set distillation.enabled=False.")

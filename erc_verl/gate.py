@@ -1,0 +1,87 @@
+"""The Entropy Ratio Clipping rule (paper eq. 8-9), written once for every base loss.
+
+A response token keeps its policy gradient only while the entropy of the current policy stays
+close to the entropy of the policy that sampled it:
+
+    rho_t = (H(pi_theta, t) + 1e-8) / (H(pi_old, t) + 1e-8),   keep_t = low < rho_t < high   (strict)
+
+Outside the band the token's loss term keeps its value but contributes no gradient, and it still
+counts in the aggregation denominator. We get exactly that by detaching the token's *log-prob*
+before the base loss sees it: for token-level losses (PPO-clip, GPPO, ...) each loss term depends on
+its own log-prob only, so this equals the reference's ``where(keep, pg_losses, pg_losses.detach())``,
+and it lets the same gate sit in front of any registered verl loss (GSPO, CISPO, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ENTROPY_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class ERCBounds:
+    """The open interval (low, high) in which the entropy ratio keeps a token's gradient."""
+
+    low: float
+    high: float
+
+    def __post_init__(self):
+        if not (0.0 <= self.low < self.high):
+            raise ValueError(
+                f"ERC needs 0 <= entropy_mask_low < entropy_mask_high, got low={self.low}, high={self.high}. "
+                "Set actor_rollout_ref.actor.entropy_mask_low / entropy_mask_high (paper: 0.95 / 1.05)."
+            )
+
+
+def entropy_ratio(entropy: torch.Tensor, old_entropy: torch.Tensor) -> torch.Tensor:
+    """rho = (H + eps) / (H_old + eps) in float32, with no graph (it only gates).
+
+    Entropies are clamped at 0 first: entropy_from_logits can return -1e-7 on near one-hot
+    distributions, which would otherwise make rho negative and drop the token by rounding alone.
+    """
+    with torch.no_grad():
+        current = entropy.detach().float().clamp_min(0.0)
+        old = old_entropy.detach().float().clamp_min(0.0)
+        return (current + ENTROPY_EPS) / (old + ENTROPY_EPS)
+
+
+def erc_keep_mask(
+    entropy: torch.Tensor, old_entropy: torch.Tensor, response_mask: torch.Tensor, bounds: ERCBounds
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Which response tokens keep their gradient, and what the gate did (metrics under ``actor/``)."""
+    if entropy.shape != old_entropy.shape or entropy.shape != response_mask.shape:
+        raise ValueError(
+            f"ERC: entropy {tuple(entropy.shape)}, old_entropy {tuple(old_entropy.shape)} and response_mask "
+            f"{tuple(response_mask.shape)} must have the same (batch, response_length) shape."
+        )
+    rho = entropy_ratio(entropy, old_entropy)
+    valid = response_mask.bool()
+    above = rho >= bounds.high
+    below = rho <= bounds.low
+    keep = (rho > bounds.low) & (rho < bounds.high) & valid
+
+    n_valid = valid.sum().clamp_min(1).float()
+    rho_valid = rho[valid]
+    metrics = {
+        "actor/erc_clipfrac": ((~keep & valid).sum() / n_valid).item(),
+        "actor/erc_clipfrac_upper": ((above & valid).sum() / n_valid).item(),
+        "actor/erc_clipfrac_lower": ((below & valid).sum() / n_valid).item(),
+    }
+    if rho_valid.numel() > 0:
+        metrics.update(
+            {
+                "actor/entropy_ratio_mean": rho_valid.mean().item(),
+                "actor/entropy_ratio_std": rho_valid.std(unbiased=False).item(),
+                "actor/entropy_ratio_min": rho_valid.min().item(),
+                "actor/entropy_ratio_max": rho_valid.max().item(),
+            }
+        )
+    return keep, metrics
+
+
+def gate_log_prob(log_prob: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Same values as ``log_prob``; gradient flows only through the kept tokens."""
+    return torch.where(keep, log_prob, log_prob.detach())

@@ -1,0 +1,71 @@
+"""``python -m erc_verl.main_ppo``: verl's ``main_ppo`` with the ERC config and plumbing.
+
+Same CLI as ``python -m verl.trainer.main_ppo`` (Hydra overrides, ``--cfg job``); the config is verl's
+``ppo_trainer`` plus the ERC keys (configs/erc_ppo_trainer.yaml). With a non-ERC loss the run is
+verl's own. With an ERC loss the task runner builds the ERC trainer (erc_verl.trainer).
+"""
+
+from __future__ import annotations
+
+import hydra
+import ray
+
+from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+from verl.trainer.ppo.utils import need_critic, need_reference_policy
+from verl.utils.config import validate_config
+from verl.utils.device import auto_set_device
+
+from erc_verl.config import validate_erc_config
+from erc_verl.configs import CONFIG_DIR
+from erc_verl.trainer import ERCRayPPOTrainer, erc_enabled, erc_v1_trainer_cls
+
+
+@ray.remote
+class ERCTaskRunnerV1(TaskRunnerV1.__ray_actor_class__):
+    """verl's V1 task runner; with an ERC loss it runs ``erc_<trainer_mode>``, the ERC variant of the trainer."""
+
+    def run(self, config):
+        if erc_enabled(config):
+            from verl.trainer.ppo.v1.trainer_base import register_trainer
+
+            mode = config.trainer.v1.trainer_mode
+            register_trainer(f"erc_{mode}")(erc_v1_trainer_cls(mode))
+            config.trainer.v1.trainer_mode = f"erc_{mode}"
+        return super().run(config)
+
+
+def _erc_task_runner_v0():
+    from verl.trainer import main_ppo_v0
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    if main_ppo_v0.RayPPOTrainer is not RayPPOTrainer:
+        raise RuntimeError("verl.trainer.main_ppo_v0 no longer builds RayPPOTrainer; erc_verl/main_ppo.py needs updating.")
+
+    @ray.remote
+    class ERCTaskRunnerV0(main_ppo_v0.TaskRunner.__ray_actor_class__):
+        """verl 0.9's legacy task runner builds ``RayPPOTrainer`` by name; in this (dedicated) actor process,
+        that name is the ERC trainer."""
+
+        def run(self, config):
+            main_ppo_v0.RayPPOTrainer = ERCRayPPOTrainer
+            return super().run(config)
+
+    return ERCTaskRunnerV0
+
+
+def run(config) -> None:
+    """Validate (verl's checks, then ERC's) on the driver, then start Ray and train."""
+    auto_set_device(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    validate_erc_config(config)
+    runner = ERCTaskRunnerV1 if config.trainer.use_v1 else _erc_task_runner_v0()
+    run_ppo(config, task_runner_class=runner)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="erc_ppo_trainer", version_base=None)
+def main(config):
+    run(config)
+
+
+if __name__ == "__main__":
+    main()

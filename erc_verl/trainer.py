@@ -1,0 +1,94 @@
+"""Trainer-side ERC plumbing for verl 0.9: the V1 trainers (default) and the legacy V0 ``RayPPOTrainer``.
+
+Three small overrides, active only when the actor's loss is an ERC loss:
+- actor workers are ``ERCActorRolloutRefWorker`` (ERC actor loss + graph-free current entropy);
+- the old-policy entropy verl already computes in ``_compute_old_log_prob`` is kept as ``old_entropy``
+  for the update (V1 writes it back to TransferQueue as ``entropy``; V0 drops it after logging);
+- update batches carry the flag asking the worker for the current entropy.
+No extra forward pass: the old entropy comes from the pass that produces ``old_log_probs``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import ray
+from omegaconf import DictConfig
+from tensordict import TensorDict
+
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+from verl.trainer.ppo.utils import Role
+
+from erc_verl.actor_loss import OLD_ENTROPY_KEY
+from erc_verl.engine import DETACHED_ENTROPY_KEY
+from erc_verl.losses import is_erc_loss_mode
+from erc_verl.workers import ERCActorRolloutRefWorker
+
+_ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
+
+
+def erc_enabled(config: DictConfig) -> bool:
+    return is_erc_loss_mode(config.actor_rollout_ref.actor.policy_loss.get("loss_mode"))
+
+
+def use_erc_actor_workers(role_worker_mapping: dict) -> None:
+    """Swap verl's actor worker class for ours; the ref-only worker stays verl's."""
+    for role in _ACTOR_ROLES:
+        if role in role_worker_mapping:
+            role_worker_mapping[role] = ray.remote(ERCActorRolloutRefWorker)
+
+
+class ERCTrainerV1Mixin:
+    """Put in front of any registered V1 trainer (``sync``, ``colocate_async``, ``separate_async``)."""
+
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        if erc_enabled(self.config):
+            use_erc_actor_workers(self.role_worker_mapping)
+
+    def _compute_old_log_prob(self, batch, metrics: dict):
+        batch = super()._compute_old_log_prob(batch, metrics)
+        if not erc_enabled(self.config):
+            return batch
+        import transfer_queue as tq
+
+        # verl 0.9 stores the old-policy entropy under "entropy"; copy it to the name the ERC loss reads.
+        stored = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy"])
+        old_entropy = TensorDict({OLD_ENTROPY_KEY: stored["entropy"]}, batch_size=stored.batch_size)
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=old_entropy)
+
+    def _update_actor(self, batch, metrics: dict):
+        if erc_enabled(self.config):
+            batch.extra_info[DETACHED_ENTROPY_KEY] = True
+        return super()._update_actor(batch, metrics)
+
+
+@lru_cache(maxsize=None)
+def erc_v1_trainer_cls(trainer_mode: str) -> type:
+    """The V1 trainer registered as ``trainer_mode``, with the ERC overrides in front."""
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    base = get_trainer_cls(trainer_mode)
+    return type(f"ERC{base.__name__}", (ERCTrainerV1Mixin, base), {"__doc__": f"{base.__name__} with ERC plumbing."})
+
+
+class ERCRayPPOTrainer(RayPPOTrainer):
+    """verl's legacy (``trainer.use_v1=False``) trainer with the ERC plumbing."""
+
+    def __init__(self, config, *args, role_worker_mapping: dict, **kwargs):
+        if erc_enabled(config):
+            role_worker_mapping = dict(role_worker_mapping)
+            use_erc_actor_workers(role_worker_mapping)
+        super().__init__(config, *args, role_worker_mapping=role_worker_mapping, **kwargs)
+
+    def _compute_old_log_prob(self, batch):
+        old_log_prob, mfu = super()._compute_old_log_prob(batch)
+        if erc_enabled(self.config):
+            # fit() pops "entropys" after logging actor/entropy; keep the same tensor for the update.
+            old_log_prob.batch[OLD_ENTROPY_KEY] = old_log_prob.batch["entropys"]
+        return old_log_prob, mfu
+
+    def _update_actor(self, batch):
+        if erc_enabled(self.config):
+            batch.meta_info[DETACHED_ENTROPY_KEY] = True
+        return super()._update_actor(batch)
