@@ -1,0 +1,95 @@
+"""The actor-side loss fed verl-format TensorDicts (nested/jagged fields, as verl's engine passes them)."""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
+
+from erc_verl.actor_loss import ppo_loss_with_entropy
+from erc_verl.config import ERCFSDPActorConfig
+from erc_verl.testing import cpu_lm_engine, engine_on_cpu, tiny_qwen2, update_batch
+
+
+def actor_config(loss_mode, **kw):
+    base = dict(ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=4, rollout_n=1, clip_ratio_low=0.2,
+                clip_ratio_high=0.28, policy_loss={"loss_mode": loss_mode})
+    base.update(kw)
+    return ERCFSDPActorConfig(**base)
+
+
+def forward(model, td, loss_fn, calculate_entropy=True):
+    """verl's engine forward_step (real code, CPU) with the given loss; returns loss, metrics and grads."""
+    model.zero_grad()
+    td = td.copy()
+    tu.assign_non_tensor(td, calculate_entropy=calculate_entropy)
+    with engine_on_cpu():
+        loss, out = cpu_lm_engine(model).forward_step(td, loss_function=loss_fn, forward_only=False)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return loss.detach(), out["metrics"], grads
+
+
+@pytest.mark.parametrize("kl", [False, True])
+@pytest.mark.parametrize("entropy_coeff", [0.0, 0.01])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_erc_with_open_bounds_reproduces_verl_ppo_loss(kl, entropy_coeff, agg):
+    """The seam check: if verl's ppo_loss changes what it computes, this fails."""
+    model, td = tiny_qwen2(), update_batch(batch_size=5, seed=3)
+    common = dict(entropy_coeff=entropy_coeff, use_kl_loss=kl, kl_loss_coef=0.1, loss_agg_mode=agg)
+    ours = actor_config("grpo_erc", entropy_mask_low=0.0, entropy_mask_high=math.inf, **common)
+    stock = actor_config("vanilla", **common)
+    loss, metrics, grads = forward(model, td, partial(ppo_loss_with_entropy, config=ours))
+    v_loss, v_metrics, v_grads = forward(model, td, partial(verl_ppo_loss, config=stock))
+    torch.testing.assert_close(loss, v_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grads, v_grads, rtol=1e-6, atol=1e-9)
+    for key, metric in v_metrics.items():
+        value = metric.aggregate() if hasattr(metric, "aggregate") else metric
+        ours_value = metrics[key].aggregate() if hasattr(metrics[key], "aggregate") else metrics[key]
+        assert ours_value == pytest.approx(value, rel=1e-6), key
+    assert metrics["actor/erc_clipfrac"].aggregate() == 0.0
+
+
+def test_erc_gate_drops_tokens_in_a_real_update():
+    model, td = tiny_qwen2(), update_batch(batch_size=6, seed=4)
+    # old entropy = the model's own entropy, perturbed so that some ratios leave (0.95, 1.05)
+    with torch.no_grad(), engine_on_cpu():
+        probe = td.copy()
+        tu.assign_non_tensor(probe, calculate_entropy=True)
+        out = cpu_lm_engine(model).forward_step(probe, loss_function=None, forward_only=True)[1]["model_output"]
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    entropy = no_padding_2_padding(out["entropy"], td)
+    scale = 1 + 0.1 * torch.randn(entropy.shape, generator=torch.Generator().manual_seed(0))
+    td["old_entropy"] = entropy * scale
+    loss, metrics, grads = forward(model, td, partial(ppo_loss_with_entropy, config=actor_config("grpo_erc")))
+    frac = metrics["actor/erc_clipfrac"].aggregate()
+    assert 0.1 < frac < 0.9
+    assert metrics["actor/erc_clipfrac_upper"].aggregate() + metrics["actor/erc_clipfrac_lower"].aggregate() == (
+        pytest.approx(frac)
+    )
+    assert metrics["actor/entropy_ratio_max"].aggregation.value == "max"
+    assert torch.isfinite(loss) and grads.abs().sum() > 0
+
+
+def test_erc_without_current_entropy_fails_loudly():
+    model, td = tiny_qwen2(), update_batch()
+    with pytest.raises(RuntimeError, match="current policy's entropy.*erc_verl.main_ppo"):
+        forward(model, td, partial(ppo_loss_with_entropy, config=actor_config("gppo_erc")), calculate_entropy=False)
+
+
+def test_erc_without_old_entropy_fails_loudly():
+    model, td = tiny_qwen2(), update_batch(old_entropy=False)
+    with pytest.raises(RuntimeError, match="old policy's entropy.*old_entropy"):
+        forward(model, td, partial(ppo_loss_with_entropy, config=actor_config("grpo_erc")))
+
+
+def test_non_erc_losses_are_verl_ppo_loss():
+    model, td = tiny_qwen2(), update_batch(seed=2)
+    cfg = actor_config("gppo")
+    loss, _, grads = forward(model, td, partial(ppo_loss_with_entropy, config=cfg))
+    v_loss, _, v_grads = forward(model, td, partial(verl_ppo_loss, config=cfg))
+    assert torch.equal(loss, v_loss) and torch.equal(grads, v_grads)
