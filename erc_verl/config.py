@@ -70,6 +70,8 @@ class ERCFSDPActorConfig(FSDPActorConfig):
 
 def validate_erc_config(config) -> None:
     """Refuse, on the driver and before any worker starts, what would fail or silently degrade later."""
+    from hydra.errors import InstantiationException
+
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
     from verl.utils.config import omega_conf_to_dataclass
 
@@ -85,7 +87,12 @@ def validate_erc_config(config) -> None:
             f"erc-verl supports FSDP actors (actor_rollout_ref.actor.strategy=fsdp|fsdp2), got {actor.get('strategy')!r}."
         )
     # Builds ERCFSDPActorConfig exactly as the workers will: bad bounds / base loss fail here.
-    actor_config = omega_conf_to_dataclass(actor)
+    try:
+        actor_config = omega_conf_to_dataclass(actor)
+    except InstantiationException as error:  # surface our message, not Hydra's wrapper
+        if isinstance(error.__cause__, ValueError):
+            raise ValueError(str(error.__cause__)) from error
+        raise
     if not isinstance(actor_config, ERCFSDPActorConfig):
         raise ValueError(
             "actor_rollout_ref.actor._target_ must be erc_verl.config.ERCFSDPActorConfig (the ERC keys are lost "

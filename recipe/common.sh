@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Shared launcher for the paper recipes (sourced by recipe/<method>.sh after it sets METHOD_ARGS).
+# Everything site-specific comes from environment variables; any Hydra override can be appended:
+#   bash recipe/dapo_erc.sh trainer.total_epochs=1 actor_rollout_ref.actor.entropy_mask_high=1.1
+# ERC_DRY_RUN=1 prints the fully composed config (like `--cfg job`) and exits without Ray or GPUs.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+MODEL_SIZE=${MODEL_SIZE:-1.5b}                      # 1.5b | 7b (the paper's two DeepSeek-R1-Distill-Qwen sizes)
+case "$MODEL_SIZE" in
+  1.5b) DEFAULT_MODEL=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B; DEFAULT_TP=1 ;;
+  7b)   DEFAULT_MODEL=deepseek-ai/DeepSeek-R1-Distill-Qwen-7B;   DEFAULT_TP=2 ;;
+  *) echo "MODEL_SIZE must be 1.5b or 7b, got '$MODEL_SIZE'" >&2; exit 2 ;;
+esac
+MODEL_PATH=${MODEL_PATH:-$DEFAULT_MODEL}            # HF id or local checkpoint directory
+DATA_DIR=${DATA_DIR:-data/erc}                      # output of scripts/prepare_data.py
+TRAIN_FILE=${TRAIN_FILE:-$DATA_DIR/train.parquet}
+VAL_FILES=${VAL_FILES:-"['$DATA_DIR/aime2024.parquet','$DATA_DIR/aime2025.parquet']"}
+CKPT_DIR=${CKPT_DIR:-checkpoints}
+NNODES=${NNODES:-1}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+TP_SIZE=${TP_SIZE:-$DEFAULT_TP}                     # vLLM tensor parallel size
+OFFLOAD=${OFFLOAD:-False}                           # FSDP param/optimizer offload
+LOGGER=${LOGGER:-"['console']"}                     # e.g. "['console','wandb']"
+PROJECT_NAME=${PROJECT_NAME:-erc-verl}
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-${METHOD}-${MODEL_SIZE}}
+MAX_PROMPT_LEN=${MAX_PROMPT_LEN:-2048}
+MAX_RESPONSE_LEN=${MAX_RESPONSE_LEN:-16384}         # paper: 16k responses in training
+MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU:-$(( (MAX_PROMPT_LEN + MAX_RESPONSE_LEN) * 2 ))}
+REWARD_FN_PATH=${REWARD_FN_PATH:-$("$PYTHON" -c 'import erc_verl.reward as r; print(r.__file__)')}
+
+COMMON_ARGS=(
+  # data: 128 prompts per step, validation on AIME
+  data.train_files="$TRAIN_FILE"
+  data.val_files="$VAL_FILES"
+  data.train_batch_size=128
+  data.max_prompt_length="$MAX_PROMPT_LEN"
+  data.max_response_length="$MAX_RESPONSE_LEN"
+  data.filter_overlong_prompts=True
+  data.truncation=left
+  # model and FSDP actor: lr 1e-6, mini-batches of 16 prompts (8 off-policy updates per step), no KL, no entropy bonus
+  actor_rollout_ref.model.path="$MODEL_PATH"
+  actor_rollout_ref.model.use_remove_padding=True
+  actor_rollout_ref.model.enable_gradient_checkpointing=True
+  actor_rollout_ref.actor.strategy=fsdp2
+  actor_rollout_ref.actor.optim.lr=1e-6
+  actor_rollout_ref.actor.ppo_mini_batch_size=16
+  actor_rollout_ref.actor.use_dynamic_bsz=True
+  actor_rollout_ref.actor.ppo_max_token_len_per_gpu="$MAX_TOKENS_PER_GPU"
+  actor_rollout_ref.actor.loss_agg_mode=token-mean
+  actor_rollout_ref.actor.use_kl_loss=False
+  actor_rollout_ref.actor.entropy_coeff=0
+  actor_rollout_ref.actor.clip_ratio_c=10.0
+  actor_rollout_ref.actor.fsdp_config.param_offload="$OFFLOAD"
+  actor_rollout_ref.actor.fsdp_config.optimizer_offload="$OFFLOAD"
+  actor_rollout_ref.ref.fsdp_config.param_offload="$OFFLOAD"
+  # vLLM rollout: 8 responses per prompt
+  actor_rollout_ref.rollout.name=vllm
+  actor_rollout_ref.rollout.n=8
+  actor_rollout_ref.rollout.temperature=1.0
+  actor_rollout_ref.rollout.tensor_model_parallel_size="$TP_SIZE"
+  actor_rollout_ref.rollout.gpu_memory_utilization=0.7
+  actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True
+  actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu="$MAX_TOKENS_PER_GPU"
+  actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True
+  actor_rollout_ref.ref.log_prob_max_token_len_per_gpu="$MAX_TOKENS_PER_GPU"
+  # validation: avg@32 at temperature 0.6 / top-p 0.95
+  actor_rollout_ref.rollout.val_kwargs.n=32
+  actor_rollout_ref.rollout.val_kwargs.do_sample=True
+  actor_rollout_ref.rollout.val_kwargs.temperature=0.6
+  actor_rollout_ref.rollout.val_kwargs.top_p=0.95
+  # GRPO advantages, no KL in the reward
+  algorithm.adv_estimator=grpo
+  algorithm.use_kl_in_reward=False
+  # reward: the last \boxed{} checked with math-verify
+  reward.custom_reward_function.path="$REWARD_FN_PATH"
+  reward.custom_reward_function.name=compute_score
+  # trainer
+  trainer.logger="$LOGGER"
+  trainer.project_name="$PROJECT_NAME"
+  trainer.experiment_name="$EXPERIMENT_NAME"
+  trainer.default_local_dir="$CKPT_DIR/$PROJECT_NAME/$EXPERIMENT_NAME"
+  trainer.nnodes="$NNODES"
+  trainer.n_gpus_per_node="$GPUS_PER_NODE"
+  trainer.val_before_train=True
+  trainer.test_freq=10
+  trainer.save_freq=50
+  trainer.total_epochs=${TOTAL_EPOCHS:-10}
+)
+
+if [[ "${ERC_DRY_RUN:-0}" == "1" ]]; then
+  exec "$PYTHON" -m erc_verl.main_ppo "${COMMON_ARGS[@]}" "${METHOD_ARGS[@]}" "$@" --cfg job
+fi
+exec "$PYTHON" -m erc_verl.main_ppo "${COMMON_ARGS[@]}" "${METHOD_ARGS[@]}" "$@"
