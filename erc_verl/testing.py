@@ -33,7 +33,7 @@ def tiny_qwen2(vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2,
     return Qwen2ForCausalLM(config).float()
 
 
-def update_batch(
+def padded_update_batch(
     batch_size: int = 4,
     prompt_len: int = 5,
     response_len: int = 7,
@@ -41,11 +41,8 @@ def update_batch(
     seed: int = 0,
     old_entropy: bool = True,
 ) -> TensorDict:
-    """A left/right padded PPO update batch converted by verl's own ``left_right_2_no_padding``.
-
-    Fields as verl's trainers hand them to ``update_actor`` (nested input ids, padded response fields),
-    with random old log-probs, advantages and old entropies.
-    """
+    """A left/right padded PPO update batch, as verl's trainers hold it (random old log-probs, advantages,
+    reference log-probs and, optionally, old entropies)."""
     g = torch.Generator().manual_seed(seed)
     prompt_lens = torch.randint(1, prompt_len + 1, (batch_size,), generator=g)
     response_lens = torch.randint(1, response_len + 1, (batch_size,), generator=g)
@@ -55,14 +52,12 @@ def update_batch(
     prompt_mask = positions[None, :prompt_len] >= (prompt_len - prompt_lens[:, None])  # left padded
     response_mask = positions[None, :response_len] < response_lens[:, None]  # right padded
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
-    input_ids = torch.cat([prompts, responses], dim=1) * attention_mask
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
     fields = dict(
         prompts=prompts,
         responses=responses,
-        input_ids=input_ids,
+        input_ids=torch.cat([prompts, responses], dim=1) * attention_mask,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=(attention_mask.cumsum(dim=1) - 1).clamp_min(0),
         response_mask=response_mask.long(),
         old_log_probs=-torch.rand(batch_size, response_len, generator=g) * 4,
         advantages=torch.randn(batch_size, 1, generator=g).expand(-1, response_len).contiguous(),
@@ -70,12 +65,19 @@ def update_batch(
     )
     if old_entropy:
         fields["old_entropy"] = torch.rand(batch_size, response_len, generator=g) * 3
-    td = left_right_2_no_padding(TensorDict(fields, batch_size=[batch_size]))
+    return TensorDict(fields, batch_size=[batch_size])
+
+
+def update_batch(**kwargs) -> TensorDict:
+    """``padded_update_batch`` converted by verl's own ``left_right_2_no_padding`` (nested input ids), with
+    the non-tensor keys verl's engine adds before the loss (single data-parallel rank)."""
+    padded = padded_update_batch(**kwargs)
+    td = left_right_2_no_padding(padded.clone())
     tu.assign_non_tensor(
         td,
         dp_size=1,
-        batch_num_tokens=int(response_mask.sum()),
-        global_batch_size=batch_size,
+        batch_num_tokens=int(padded["response_mask"].sum()),
+        global_batch_size=padded.batch_size[0],
         use_remove_padding=True,
         use_fused_kernels=False,
         temperature=1.0,

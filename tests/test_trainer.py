@@ -1,0 +1,174 @@
+"""Trainer-side seam: verl's old-policy entropy reaches the update batch as `old_entropy` (V0 and V1).
+
+The trainers' own methods run for real (verl's `_compute_old_log_prob` / `_update_actor` with our
+overrides, real TransferQueue on a local Ray cluster for V1). The actor worker group is replaced by an
+in-process stand-in, because verl's workers need GPUs: it runs verl's FSDP engine code on CPU
+(erc_verl.testing) the way the worker would, and the update runs the ERC actor loss on what arrives.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from tensordict import TensorDict
+
+from verl import DataProto
+from verl.utils import tensordict_utils as tu
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.utils.padding import no_padding_2_padding, response_to_nested
+
+from erc_verl.actor_loss import ppo_loss_with_entropy
+from erc_verl.configs import CONFIG_DIR
+from erc_verl.engine import DETACHED_ENTROPY_KEY, enable_detached_entropy
+from erc_verl.testing import cpu_lm_engine, engine_on_cpu, padded_update_batch, tiny_qwen2, update_batch
+from erc_verl.trainer import ERCRayPPOTrainer, ERCTrainerV1Mixin, erc_v1_trainer_cls
+
+
+def erc_config(loss_mode="grpo_erc"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name="erc_ppo_trainer", overrides=[
+            f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+            "actor_rollout_ref.rollout.n=1",
+        ])
+
+
+class CPUActorWorkerGroup:
+    """Stands in for the Ray actor worker group (GPU-only in verl): same calls, verl's engine code on CPU."""
+
+    def __init__(self, config):
+        self.model = tiny_qwen2()
+        self.actor_config = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+        self.updates = []
+
+    def infer(self, td):
+        td = td.copy()
+        tu.assign_non_tensor(td, calculate_entropy=True)
+        with torch.no_grad(), engine_on_cpu():
+            _, out = cpu_lm_engine(self.model).forward_step(td, loss_function=None, forward_only=True)
+        return out["model_output"]
+
+    def train(self, td):
+        mask = td["response_mask"]
+        # added by verl's TrainingWorker.train_batch / engine.forward_backward_batch on a single rank
+        tu.assign_non_tensor(td, dp_size=1, use_remove_padding=True, use_fused_kernels=False,
+                             batch_num_tokens=int((mask.values() if mask.is_nested else mask).sum()))
+        engine = cpu_lm_engine(self.model)
+        enable_detached_entropy(engine)
+        with engine_on_cpu():
+            loss, out = engine.forward_step(td, partial(ppo_loss_with_entropy, config=self.actor_config), False)
+        loss.backward()
+        self.updates.append((td, out["metrics"]))
+
+
+def padded_batch(seed=0):
+    """The left/right padded DataProto a V0 trainer holds, and the same batch in the engine's format."""
+    raw = padded_update_batch(batch_size=4, seed=seed, old_entropy=False)
+    return DataProto.from_single_dict(dict(raw.items())), update_batch(batch_size=4, seed=seed, old_entropy=False)
+
+
+def test_v0_old_entropy_reaches_the_update_and_the_loss():
+    config = erc_config()
+    wg = CPUActorWorkerGroup(config)
+    trainer = ERCRayPPOTrainer.__new__(ERCRayPPOTrainer)
+    trainer.config = config
+    trainer.actor_rollout_wg = wg
+    batch, td = padded_batch()
+
+    class V0Calls:
+        def compute_log_prob(self, batch_td):
+            assert tu.get(batch_td, "calculate_entropy") is True  # verl computes the old entropy already
+            out = wg.infer(td)
+            return tu.get_tensordict({"log_probs": out["log_probs"], "entropy": out["entropy"]},
+                                     non_tensor_dict={"metrics": {"mfu": 0.0}})
+
+        def update_actor(self, batch_td):
+            wg.train(batch_td)
+            return tu.get_tensordict({}, non_tensor_dict={"metrics": {"mfu": 0.0}})
+
+    trainer.actor_rollout_wg = V0Calls()
+    old, _ = trainer._compute_old_log_prob(batch)
+    assert torch.equal(old.batch["old_entropy"], old.batch["entropys"])
+    old.batch.pop("entropys")  # what RayPPOTrainer.fit does after logging actor/entropy
+    old.batch.pop("old_log_probs")
+    batch = batch.union(old)
+
+    trainer._update_actor(batch)
+    (update_td, metrics), = wg.updates
+    assert tu.get(update_td, DETACHED_ENTROPY_KEY) is True
+    expected = no_padding_2_padding(wg.infer(td)["entropy"], td)
+    torch.testing.assert_close(update_td["old_entropy"], expected)
+    # the policy at update time is the old policy: ratio == 1, nothing clipped
+    assert metrics["actor/erc_clipfrac"].aggregate() == 0.0
+    assert metrics["actor/entropy_ratio_mean"].aggregate() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.integration
+def test_v1_old_entropy_is_copied_in_transfer_queue_and_fetched_for_the_update():
+    ray = pytest.importorskip("ray")
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+    from transfer_queue import KVBatchMeta
+
+    config = erc_config()
+    trainer_cls = erc_v1_trainer_cls("sync")
+    assert trainer_cls.__mro__[1] is ERCTrainerV1Mixin and trainer_cls.__mro__[2].__name__ == "PPOTrainerSync"
+    trainer = trainer_cls.__new__(trainer_cls)
+    trainer.config = config
+    wg = CPUActorWorkerGroup(config)
+    batch, td = padded_batch()
+    keys = [f"sample-{i}" for i in range(4)]
+
+    def tq_get(meta, fields=None):
+        return tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=fields or meta.fields)
+
+    class V1Calls:  # what verl's tqbridge does around the worker methods
+        def compute_log_prob(self, meta):
+            out = wg.infer(td)
+            tq.kv_batch_put(keys=meta.keys, partition_id=meta.partition_id,
+                            fields=TensorDict({"log_probs": out["log_probs"], "entropy": out["entropy"]},
+                                              batch_size=[4]))
+            return meta
+
+        def update_actor(self, meta):
+            data = tq_get(meta)
+            tu.assign_non_tensor(data, **meta.extra_info)
+            wg.train(data)
+            return tu.get_tensordict({}, non_tensor_dict={"metrics": {"mfu": 0.0}})
+
+    trainer.actor_rollout_wg = V1Calls()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tq_conf = OmegaConf.merge(config.transfer_queue, {"enable": True})
+        tq_conf.backend.SimpleStorage.num_data_storage_units = 1
+        tq.init(tq_conf)
+        # V1 keeps every per-sample field jagged in TransferQueue
+        response_mask = torch.nested.as_nested_tensor(
+            [row[: int(row.sum())] for row in td["response_mask"]], layout=torch.jagged)
+        prompt_mask = batch.batch["attention_mask"][:, : td["prompts"].shape[1]]
+        fields = {
+            "input_ids": td["input_ids"],
+            "position_ids": td["position_ids"],
+            "prompts": torch.nested.as_nested_tensor([p[m.bool()] for p, m in zip(td["prompts"], prompt_mask)],
+                                                     layout=torch.jagged),
+            "responses": response_to_nested(td["responses"], response_mask),
+            "response_mask": response_mask,
+            "advantages": response_to_nested(td["advantages"], response_mask),
+            "rollout_log_probs": response_to_nested(td["old_log_probs"], response_mask),  # from vLLM
+        }
+        meta = tq.kv_batch_put(keys=keys, partition_id="train", fields=TensorDict(fields, batch_size=[4]))
+        meta = KVBatchMeta(keys=keys, tags=[{}] * 4, partition_id="train", fields=meta.fields, extra_info={})
+        metrics = {}
+        meta = trainer._compute_old_log_prob(meta, metrics)
+        assert "old_entropy" in meta.fields and "actor/entropy" in metrics
+        stored = tq_get(meta, ["entropy", "old_entropy"])
+        torch.testing.assert_close(stored["old_entropy"].values(), stored["entropy"].values())
+        trainer._update_actor(meta, {})
+    finally:
+        tq.close()
+        ray.shutdown()
+    (update_td, update_metrics), = wg.updates
+    assert tu.get(update_td, DETACHED_ENTROPY_KEY) is True
+    assert update_metrics["actor/erc_clipfrac"].aggregate() == 0.0
