@@ -10,8 +10,9 @@ bounds (0, inf) reproduces verl's ``ppo_loss`` exactly, so a change in verl's lo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
+import torch
 from tensordict import TensorDict
 
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
@@ -19,11 +20,26 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
-from erc_verl.losses import is_erc_loss_mode
+from erc_verl.diagnostics import TokenDiagnostics, maybe_diagnostics
+from erc_verl.gate import erc_keep_mask
+from erc_verl.losses import erc_bounds_from_config, is_erc_loss_mode
 
 OLD_ENTROPY_KEY = "old_entropy"
 
 _AGGREGATION_BY_SUFFIX = {"_min": AggregationType.MIN, "_max": AggregationType.MAX}
+_diagnostics_writers: dict[tuple, Optional[TokenDiagnostics]] = {}
+
+
+def _diagnostics(config: Any) -> Optional[TokenDiagnostics]:
+    """This process's token-diagnostics writer, or None when ``erc_diagnostics.dir`` is unset (the default)."""
+    section = config.get("erc_diagnostics", None)
+    if section is None or not section.get("dir"):
+        return None
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    key = (section.get("dir"), rank)
+    if key not in _diagnostics_writers:
+        _diagnostics_writers[key] = maybe_diagnostics(section, rank=rank)
+    return _diagnostics_writers[key]
 
 
 def _policy_metrics(metrics: dict[str, Any]) -> dict[str, Metric]:
@@ -85,6 +101,13 @@ def ppo_loss_with_entropy(config: Any, model_output: dict, data: TensorDict, dp_
         entropy=entropy,
         old_entropy=padded[OLD_ENTROPY_KEY],
     )
+
+    diagnostics = _diagnostics(config)
+    if diagnostics is not None:
+        keep, _ = erc_keep_mask(entropy, padded[OLD_ENTROPY_KEY], response_mask, erc_bounds_from_config(config))
+        diagnostics.record(log_prob=log_prob.detach(), old_log_prob=padded["old_log_probs"], entropy=entropy,
+                           old_entropy=padded[OLD_ENTROPY_KEY], advantages=padded["advantages"],
+                           response_mask=response_mask, keep=keep, config=config)
 
     metrics: dict[str, Any] = _policy_metrics(pg_metrics)
     metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=metric_aggregation)

@@ -93,3 +93,14 @@ def test_non_erc_losses_are_verl_ppo_loss():
     loss, _, grads = forward(model, td, partial(ppo_loss_with_entropy, config=cfg))
     v_loss, _, v_grads = forward(model, td, partial(verl_ppo_loss, config=cfg))
     assert torch.equal(loss, v_loss) and torch.equal(grads, v_grads)
+
+
+def test_token_diagnostics_are_written_from_the_actor_loss(tmp_path):
+    model, td = tiny_qwen2(), update_batch(batch_size=6, seed=4)
+    cfg = actor_config("grpo_erc", erc_diagnostics={"dir": str(tmp_path), "tokens_per_step": 5})
+    forward(model, td, partial(ppo_loss_with_entropy, config=cfg))
+    forward(model, td, partial(ppo_loss_with_entropy, config=cfg))
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and "rank0" in files[0].name
+    lines = [line for line in files[0].read_text().splitlines() if line.strip()]
+    assert 2 <= len(lines) <= 2 * 5 + 1  # at most tokens_per_step per call (+ a header for csv)

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+r"""Evaluate checkpoints the way the ERC paper does (section 4.1, Table 1).
+
+1. generate (GPU, vLLM): k samples per problem at temperature 0.6 / top-p 0.95; 32768 max tokens
+   for AIME24/25 and 16384 otherwise; k=32 except MATH500 and OlympiadBench (k=4):
+
+    python scripts/evaluate.py generate --model ckpts/erc_dapo/merged_hf --data-dir data \
+        --out generations/erc_dapo.jsonl
+
+2. score (CPU): avg@k per benchmark, printed as a Table-1-style table; several runs side by side:
+
+    python scripts/evaluate.py score DAPO=generations/dapo.jsonl ERC-DAPO=generations/erc_dapo.jsonl \
+        --compare-paper 7b --json results.json
+
+A run is ``[NAME=]PATH[,PATH...]``; PATH may be a directory (all ``*.jsonl`` inside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+try:
+    from erc_verl import evaluation as E
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from erc_verl import evaluation as E
+
+
+def _parse_run(spec: str) -> tuple[str, list[str]]:
+    name, sep, paths = spec.partition("=")
+    if not sep:
+        name, paths = "", spec
+    files = [p for p in paths.split(",") if p]
+    if not files:
+        raise argparse.ArgumentTypeError(f"run {spec!r} names no file; use NAME=PATH[,PATH...]")
+    if not name:
+        first = files[0].rstrip("/")
+        name = os.path.basename(first) if os.path.isdir(first) else os.path.splitext(os.path.basename(first))[0]
+    return name, files
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="sample responses with vLLM (GPU)")
+    g.add_argument("--model", required=True, help="Hugging Face model dir (merge verl checkpoints first) or hub id")
+    g.add_argument("--data-dir", default="data", help="folder with <benchmark>.parquet from prepare_data.py")
+    g.add_argument("--out", required=True, help="output JSONL (one line per problem)")
+    g.add_argument("--benchmarks", nargs="+", help="subset, e.g. aime2024 math500 (default: all six)")
+    g.add_argument("--n", type=int, help="samples per problem for every benchmark (default: the paper's k)")
+    g.add_argument("--max-tokens", type=int, help="generation budget for every benchmark (default: the paper's)")
+    g.add_argument("--temperature", type=float, default=E.SAMPLING["temperature"])
+    g.add_argument("--top-p", type=float, default=E.SAMPLING["top_p"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--max-model-len", type=int, help="vLLM context length (default: max tokens + 2048)")
+    g.add_argument("--dtype", default="bfloat16")
+    g.add_argument("--limit", type=int, help="only the first N problems per benchmark (smoke tests)")
+    g.add_argument("--resume", action="store_true", help="append benchmarks missing from an existing --out")
+
+    s = sub.add_parser("score", help="score saved generations and print the table (CPU)")
+    s.add_argument("runs", nargs="+", type=_parse_run, metavar="[NAME=]PATH[,PATH...]")
+    s.add_argument("--compare-paper", choices=sorted(E.PAPER_RESULTS), help="also print the paper's rows")
+    s.add_argument("--json", dest="json_out", help="write scores to this JSON file")
+    s.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    s.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of failing")
+    return p
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    names = [name for name, _ in args.runs]
+    if len(set(names)) != len(names):
+        print(f"error: run names must be unique, got {names}; name them with NAME=PATH", file=sys.stderr)
+        return 2
+    runs = {}
+    for name, files in args.runs:
+        scores, warnings = E.score_files(files, skip_bad_lines=args.skip_bad_lines)
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        runs[name] = scores
+    rows = E.paper_rows(args.compare_paper) if args.compare_paper else []
+    rows += [E.run_to_row(name, scores) for name, scores in runs.items()]
+    print(E.format_table(rows, markdown=args.markdown))
+    for name, scores in runs.items():
+        for note in E.protocol_notes(name, scores):
+            print(f"note: {note}")
+    if args.json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump(E.results_json(runs, args.compare_paper), f, indent=2)
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from erc_verl.generation import generate
+
+    generate(
+        model=args.model,
+        data_dir=args.data_dir,
+        out_path=args.out,
+        benchmarks=args.benchmarks,
+        n_override=args.n,
+        max_tokens_override=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        limit=args.limit,
+        resume=args.resume,
+        dtype=args.dtype,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from erc_verl.generation import GenerationSetupError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_score(args) if args.command == "score" else cmd_generate(args)
+    except (E.GenerationsError, GenerationSetupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
