@@ -71,7 +71,9 @@ BENCHMARK_SPECS: dict[str, DatasetSpec] = {
         DatasetSpec("hmmt2025", "MathArena/hmmt_feb_2025", "train", "problem", "answer"),
         DatasetSpec("math500", "HuggingFaceH4/MATH-500", "test", "problem", "answer"),
         DatasetSpec("amc23", "math-ai/amc23", "test", "question", "answer"),
-        DatasetSpec("olympiadbench", "Hothan/OlympiadBench", "train", "question", "final_answer", "OE_TO_maths_en_COMP"),
+        DatasetSpec(
+            "olympiadbench", "Hothan/OlympiadBench", "train", "question", "final_answer", "OE_TO_maths_en_COMP"
+        ),
     )
 }
 ALL_SPECS: dict[str, DatasetSpec] = {"train": TRAIN_SPEC, **BENCHMARK_SPECS}
@@ -188,7 +190,9 @@ def _is_verl_row(row: Mapping) -> bool:
     return isinstance(rm, Mapping) and "ground_truth" in rm and "prompt" in row
 
 
-def _resolve_key(records: Sequence[Mapping], wanted: str | None, candidates: Iterable[str], what: str, source: str) -> str:
+def _resolve_key(
+    records: Sequence[Mapping], wanted: str | None, candidates: Iterable[str], what: str, source: str
+) -> str:
     present = {k for r in records[:100] for k in r.keys()}
     if wanted is not None:
         if wanted not in present:

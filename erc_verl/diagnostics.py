@@ -206,7 +206,10 @@ class TokenDiagnostics:
             "kept": kept,
             "above": rho >= bounds.erc_high,
         }
+        # 7 significant digits: float32 precision, about half the bytes of repr(float).
         cpu = {name: t.cpu().tolist() for name, t in columns.items()}
+        for name in ("prob", "old_prob", "ratio", "entropy", "old_entropy", "entropy_ratio", "advantage"):
+            cpu[name] = [float(f"{v:.7g}") for v in cpu[name]]
 
         if self._file is None:
             self._open()

@@ -124,7 +124,9 @@ def generate(
     check_hf_checkpoint(model)
     benches = resolve_benchmarks(benchmarks)
     if os.path.exists(out_path) and not resume:
-        raise GenerationSetupError(f"{out_path} exists; pass --resume to add missing benchmarks or choose another --out")
+        raise GenerationSetupError(
+            f"{out_path} exists; pass --resume to add missing benchmarks or choose another --out"
+        )
     skip = done_benchmarks(out_path) if resume else set()
     todo = [b for b in benches if b.key not in skip]
     rows_by_bench = {b.key: load_benchmark_rows(data_dir, b, limit) for b in todo}

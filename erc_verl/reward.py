@@ -116,7 +116,7 @@ def extract_last_boxed(text: Any) -> str | None:
             return content.strip() if content is not None else None
         if j > after and j < len(text) and text[j] not in "\n$":
             # "\boxed 5" form: the answer is the next whitespace- or "$"-delimited token.
-            m = re.match(r"[^\s$]{1,%d}" % MAX_ANSWER_CHARS, text[j:])
+            m = re.match(rf"[^\s$]{{1,{MAX_ANSWER_CHARS}}}", text[j:])
             return m.group(0) if m else None
         end = pos  # e.g. "\boxedfoo" or a bare "\boxed" at the end: look further back
     return None
@@ -188,10 +188,23 @@ class _Worker:
             close_fds=True,
         )
         self._buf = b""
-        hello = self._read_line(time.monotonic() + start_timeout_s)
-        if hello is None or not json.loads(hello).get("ready"):
+        hello = None
+        try:
+            hello = self._read_line(time.monotonic() + start_timeout_s)
+            msg = json.loads(hello) if hello is not None else None
+        except (ValueError, OSError):
+            msg = None
+        if not isinstance(msg, dict) or msg.get("ready") is not True:
             self.kill()
             raise RuntimeError(f"reward helper did not start: {hello!r}")
+
+    def _wait_readable(self, fd: int, timeout_s: float) -> bool:
+        # poll(), not select(): Ray workers hold many sockets and select() fails for fds >= 1024.
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            return bool(poller.poll(max(0, int(timeout_s * 1000))))
+        return bool(select.select([fd], [], [], timeout_s)[0])
 
     def _read_line(self, deadline: float) -> bytes | None:
         fd = self.proc.stdout.fileno()
@@ -199,8 +212,7 @@ class _Worker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
+            if not self._wait_readable(fd, remaining):
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:

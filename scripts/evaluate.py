@@ -4,7 +4,7 @@ r"""Evaluate checkpoints the way the ERC paper does (section 4.1, Table 1).
 1. generate (GPU, vLLM): k samples per problem at temperature 0.6 / top-p 0.95; 32768 max tokens
    for AIME24/25 and 16384 otherwise; k=32 except MATH500 and OlympiadBench (k=4):
 
-    python scripts/evaluate.py generate --model ckpts/erc_dapo/merged_hf --data-dir data \
+    python scripts/evaluate.py generate --model ckpts/erc_dapo/merged_hf --data-dir data/erc \
         --out generations/erc_dapo.jsonl
 
 2. score (CPU): avg@k per benchmark, printed as a Table-1-style table; several runs side by side:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample responses with vLLM (GPU)")
     g.add_argument("--model", required=True, help="Hugging Face model dir (merge verl checkpoints first) or hub id")
-    g.add_argument("--data-dir", default="data", help="folder with <benchmark>.parquet from prepare_data.py")
+    g.add_argument("--data-dir", default="data/erc", help="folder with <benchmark>.parquet from prepare_data.py")
     g.add_argument("--out", required=True, help="output JSONL (one line per problem)")
     g.add_argument("--benchmarks", nargs="+", help="subset, e.g. aime2024 math500 (default: all six)")
     g.add_argument("--n", type=int, help="samples per problem for every benchmark (default: the paper's k)")

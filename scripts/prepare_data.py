@@ -3,16 +3,16 @@ r"""Build the verl RL parquet files used by the ERC recipes.
 
 From the Hugging Face hub (needs network; run on your machine):
 
-    python scripts/prepare_data.py --out-dir data                      # train + all 6 benchmarks
-    python scripts/prepare_data.py --out-dir data --only aime2024 aime2025
+    python scripts/prepare_data.py                                     # train + all 6 benchmarks
+    python scripts/prepare_data.py --only aime2024 aime2025
 
 From local files (offline), one dataset at a time:
 
-    python scripts/prepare_data.py --out-dir data --from-file aime24.jsonl --dataset-name aime2024 \
+    python scripts/prepare_data.py --from-file aime24.jsonl --dataset-name aime2024 \
         --question-key problem --answer-key answer
 
-Writes ``<out-dir>/train.parquet`` and ``<out-dir>/<benchmark>.parquet``; point the recipe's
-``data.train_files`` / ``data.val_files`` at them.
+Writes ``<out-dir>/train.parquet`` and ``<out-dir>/<benchmark>.parquet``; the default out-dir
+``data/erc`` is where the recipes look (their ``DATA_DIR``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="data", help="output folder (default: ./data)")
+    p.add_argument("--out-dir", default="data/erc", help="output folder (default: data/erc, the recipes' DATA_DIR)")
     p.add_argument(
         "--only",
         nargs="+",
@@ -81,7 +81,17 @@ def main(argv: list[str] | None = None) -> int:
             qkey = args.question_key
             akey = args.answer_key
             split = args.split or ("train" if name == "train" else "test")
-            _build(records, name, split, qkey, akey, template, os.path.basename(args.from_file), args.max_rows, args.out_dir)
+            _build(
+                records,
+                name,
+                split,
+                qkey,
+                akey,
+                template,
+                os.path.basename(args.from_file),
+                args.max_rows,
+                args.out_dir,
+            )
             if spec is None:
                 print(f"note: {name!r} is not one of {sorted(D.ALL_SPECS)}; it was still written.")
             return 0

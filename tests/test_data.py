@@ -220,9 +220,22 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_cli_runs_as_a_script(tmp_path):
     src = _write(tmp_path, "m.json", QA)
     res = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--out-dir", str(tmp_path),
-         "--from-file", str(src), "--dataset-name", "math500", "--max-rows", "2"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "prepare_data.py"),
+            "--out-dir",
+            str(tmp_path),
+            "--from-file",
+            str(src),
+            "--dataset-name",
+            "math500",
+            "--max-rows",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr
     assert len(pd.read_parquet(tmp_path / "math500.parquet")) == 2
@@ -290,3 +303,49 @@ def test_verl_rlhf_dataset_loads_the_parquet(tmp_path):
     config.max_prompt_length = 8
     assert len(RLHFDataset(data_files=[path], tokenizer=_tiny_chat_tokenizer(), config=config)) == 0
     assert os.path.exists(path)
+
+
+def test_cli_hub_path_with_stubbed_hub(tmp_path, monkeypatch, capsys):
+    # No network: the hub calls are replaced, so this checks which ids/configs/splits/files are asked for
+    # and that each source's columns turn into verl rows.
+    import types
+
+    import huggingface_hub
+
+    train_json = tmp_path / "train_math_30K.json"
+    train_json.write_text(
+        json.dumps(
+            [
+                {
+                    "data_source": "math_longcot_math_verify",
+                    "prompt": [{"content": "Units digit of 9867^3?", "role": "user"}],
+                    "ability": "math",
+                    "reward_model": {"ground_truth": "3", "style": "rule"},
+                    "__index_level_0__": "0",
+                }
+            ]
+        )
+    )
+    downloads, loads = [], []
+
+    def fake_download(repo_id, filename, repo_type):
+        downloads.append((repo_id, filename, repo_type))
+        return str(train_json)
+
+    def fake_load_dataset(path, name=None, split=None):
+        loads.append((path, name, split))
+        return [{"question": "Find x.", "final_answer": ["$1$", "$2$"], "image_1": None}]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
+    out = tmp_path / "out"
+    assert _load_script().main(["--out-dir", str(out), "--only", "train", "olympiadbench"]) == 0
+    assert downloads == [("Kwai-Klear/KlearReasoner-MathSub-30K", "train_math_30K.json", "dataset")]
+    assert loads == [("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train")]
+    train = pd.read_parquet(out / "train.parquet").to_dict(orient="records")
+    _check_row(train[0], "train", 0, "train")
+    assert train[0]["reward_model"]["ground_truth"] == "3"
+    olympiad = pd.read_parquet(out / "olympiadbench.parquet").to_dict(orient="records")
+    _check_row(olympiad[0], "olympiadbench", 0, "test")
+    assert olympiad[0]["reward_model"]["ground_truth"] == "1, 2"
+    assert "train: 1 rows" in capsys.readouterr().out

@@ -51,12 +51,24 @@ def test_score_files_with_real_reward(tmp_path):
         tmp_path / "gen.jsonl",
         [
             # problem 0: 3 of 4 right (\dfrac and 0.5 count as 1/2); problem 1: 1 of 4 right
-            {"benchmark": "math500", "index": 0, "ground_truth": r"\frac{1}{2}",
-             "responses": [_boxed(r"\dfrac{1}{2}"), _boxed("0.5"), _boxed("2"), _boxed(r"\frac12")]},
-            {"benchmark": "math500", "index": 1, "ground_truth": "540",
-             "responses": [_boxed("540"), "no box", _boxed("541"), _boxed("54")]},
-            {"data_source": "aime2024", "reward_model": {"ground_truth": "7"}, "extra_info": {"index": 3},
-             "responses": [_boxed(7), _boxed(7)]},
+            {
+                "benchmark": "math500",
+                "index": 0,
+                "ground_truth": r"\frac{1}{2}",
+                "responses": [_boxed(r"\dfrac{1}{2}"), _boxed("0.5"), _boxed("2"), _boxed(r"\frac12")],
+            },
+            {
+                "benchmark": "math500",
+                "index": 1,
+                "ground_truth": "540",
+                "responses": [_boxed("540"), "no box", _boxed("541"), _boxed("54")],
+            },
+            {
+                "data_source": "aime2024",
+                "reward_model": {"ground_truth": "7"},
+                "extra_info": {"index": 3},
+                "responses": [_boxed(7), _boxed(7)],
+            },
         ],
     )
     scores, warnings = E.score_files([str(path)])
@@ -67,8 +79,10 @@ def test_score_files_with_real_reward(tmp_path):
 
 
 def test_one_sample_per_line_is_grouped_by_problem(tmp_path):
-    lines = [{"benchmark": "amc23", "index": i % 2, "ground_truth": "3", "response": _boxed(3 if i < 3 else 4)}
-             for i in range(4)]
+    lines = [
+        {"benchmark": "amc23", "index": i % 2, "ground_truth": "3", "response": _boxed(3 if i < 3 else 4)}
+        for i in range(4)
+    ]
     # problem 0 gets samples 0,2 (right, right); problem 1 gets 1,3 (right, wrong)
     scores, _ = E.score_files([str(_jsonl(tmp_path / "g.jsonl", lines))])
     assert scores["amc23"].accuracy == pytest.approx((1.0 + 0.5) / 2)
@@ -135,8 +149,10 @@ def test_empty_and_missing_inputs(tmp_path):
 def test_conflicting_ground_truths_are_reported(tmp_path):
     path = _jsonl(
         tmp_path / "g.jsonl",
-        [{"benchmark": "aime2024", "index": 0, "ground_truth": "1", "responses": ["a"]},
-         {"benchmark": "aime2024", "index": 0, "ground_truth": "2", "responses": ["b"]}],
+        [
+            {"benchmark": "aime2024", "index": 0, "ground_truth": "1", "responses": ["a"]},
+            {"benchmark": "aime2024", "index": 0, "ground_truth": "2", "responses": ["b"]},
+        ],
     )
     with pytest.raises(E.GenerationsError, match="two different runs mixed"):
         E.score_files([str(path)])
@@ -163,7 +179,9 @@ def test_table_layout_and_numbers():
 
 
 def test_partial_runs_and_extra_benchmarks():
-    row = E.run_to_row("quick", {"AIME24": E.BenchmarkScore(0.5, 30, 30, 1, 1), "gsm8k": E.BenchmarkScore(0.9, 1, 1, 1, 1)})
+    row = E.run_to_row(
+        "quick", {"AIME24": E.BenchmarkScore(0.5, 30, 30, 1, 1), "gsm8k": E.BenchmarkScore(0.9, 1, 1, 1, 1)}
+    )
     table = E.format_table([row])
     header = table.splitlines()[0].split()
     assert header == ["Method", "AIME24", "AIME25", "HMMT25", "MATH500", "AMC23", "Olympiad", "gsm8k", "Avg."]
@@ -195,8 +213,9 @@ def test_paper_numbers_are_consistent():
 
 
 def test_protocol_notes_flag_non_paper_k():
-    notes = E.protocol_notes("run", {"aime2024": E.BenchmarkScore(0.5, 30, 120, 4, 4),
-                                     "math500": E.BenchmarkScore(0.5, 500, 2000, 4, 4)})
+    notes = E.protocol_notes(
+        "run", {"aime2024": E.BenchmarkScore(0.5, 30, 120, 4, 4), "math500": E.BenchmarkScore(0.5, 500, 2000, 4, 4)}
+    )
     assert notes == ["run: AIME24 scored as avg@4 (paper: avg@32)"]
 
 
@@ -207,8 +226,14 @@ def test_benchmark_aliases(name):
 
 def test_protocol_matches_paper_section_4_1():
     proto = {b.column: (b.k, b.max_tokens) for b in E.BENCHMARKS}
-    assert proto == {"AIME24": (32, 32768), "AIME25": (32, 32768), "HMMT25": (32, 16384),
-                     "MATH500": (4, 16384), "AMC23": (32, 16384), "Olympiad": (4, 16384)}
+    assert proto == {
+        "AIME24": (32, 32768),
+        "AIME25": (32, 32768),
+        "HMMT25": (32, 16384),
+        "MATH500": (4, 16384),
+        "AMC23": (32, 16384),
+        "Olympiad": (4, 16384),
+    }
     assert E.SAMPLING == {"temperature": 0.6, "top_p": 0.95}
     assert {b.key for b in E.BENCHMARKS} == set(D.BENCHMARK_SPECS)  # data files and table agree on names
 
@@ -217,10 +242,20 @@ def test_protocol_matches_paper_section_4_1():
 
 
 def test_cli_score_side_by_side(tmp_path, capsys):
-    a = _jsonl(tmp_path / "dapo.jsonl", [{"benchmark": "aime2024", "index": i, "ground_truth": "1",
-                                         "responses": [_boxed(1)] * 2 + [_boxed(0)] * 2} for i in range(3)])
-    b = _jsonl(tmp_path / "erc.jsonl", [{"benchmark": "aime2024", "index": i, "ground_truth": "1",
-                                        "responses": [_boxed(1)] * 3 + [_boxed(0)]} for i in range(3)])
+    a = _jsonl(
+        tmp_path / "dapo.jsonl",
+        [
+            {"benchmark": "aime2024", "index": i, "ground_truth": "1", "responses": [_boxed(1)] * 2 + [_boxed(0)] * 2}
+            for i in range(3)
+        ],
+    )
+    b = _jsonl(
+        tmp_path / "erc.jsonl",
+        [
+            {"benchmark": "aime2024", "index": i, "ground_truth": "1", "responses": [_boxed(1)] * 3 + [_boxed(0)]}
+            for i in range(3)
+        ],
+    )
     out_json = tmp_path / "res" / "scores.json"
     rc = _script().main(["score", str(a), f"ERC={b}", "--compare-paper", "1.5b", "--json", str(out_json)])
     assert rc == 0
@@ -326,8 +361,20 @@ def test_generate_then_score_round_trip(tmp_path, monkeypatch, capsys):
         rows, _ = D.build_rows([{"problem": f"Q{i} ANSWER={i} end", "answer": str(i)} for i in range(3)], bench, "test")
         D.write_parquet(rows, str(data_dir / f"{bench}.parquet"))
     out = tmp_path / "gen" / "run.jsonl"
-    rc = _script().main(["generate", "--model", str(_model_dir(tmp_path)), "--data-dir", str(data_dir),
-                         "--out", str(out), "--benchmarks", "aime2024", "math500"])
+    rc = _script().main(
+        [
+            "generate",
+            "--model",
+            str(_model_dir(tmp_path)),
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--benchmarks",
+            "aime2024",
+            "math500",
+        ]
+    )
     assert rc == 0
     llm = _FakeLLM.instances[-1]
     assert llm.kwargs["max_model_len"] == 32768 + G.PROMPT_BUDGET_TOKENS
@@ -345,19 +392,50 @@ def test_generate_then_score_round_trip(tmp_path, monkeypatch, capsys):
     assert scores["math500"].accuracy == pytest.approx(1 / 4)
 
     # An existing output is never overwritten; --resume only adds what is missing.
-    assert _script().main(["generate", "--model", str(_model_dir(tmp_path / "m2")), "--data-dir", str(data_dir),
-                           "--out", str(out)]) == 2
+    assert (
+        _script().main(
+            ["generate", "--model", str(_model_dir(tmp_path / "m2")), "--data-dir", str(data_dir), "--out", str(out)]
+        )
+        == 2
+    )
     assert "exists; pass --resume" in capsys.readouterr().err
     n_llms = len(_FakeLLM.instances)
-    assert _script().main(["generate", "--model", str(_model_dir(tmp_path / "m3")), "--data-dir", str(data_dir),
-                           "--out", str(out), "--resume", "--benchmarks", "aime2024", "math500"]) == 0
+    assert (
+        _script().main(
+            [
+                "generate",
+                "--model",
+                str(_model_dir(tmp_path / "m3")),
+                "--data-dir",
+                str(data_dir),
+                "--out",
+                str(out),
+                "--resume",
+                "--benchmarks",
+                "aime2024",
+                "math500",
+            ]
+        )
+        == 0
+    )
     assert len(out.read_text().splitlines()) == 6 and len(_FakeLLM.instances) == n_llms  # nothing regenerated
 
 
 def test_generate_reports_missing_data_file(tmp_path, monkeypatch, capsys):
     _fake_vllm(monkeypatch)
-    rc = _script().main(["generate", "--model", str(_model_dir(tmp_path)), "--data-dir", str(tmp_path / "none"),
-                         "--out", str(tmp_path / "o.jsonl"), "--benchmarks", "hmmt25"])
+    rc = _script().main(
+        [
+            "generate",
+            "--model",
+            str(_model_dir(tmp_path)),
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            "--benchmarks",
+            "hmmt25",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "hmmt2025.parquet not found" in err and "prepare_data.py --out-dir" in err and "--only hmmt2025" in err

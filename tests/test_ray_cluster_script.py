@@ -77,7 +77,9 @@ def fake_ray(tmp_path: Path) -> Path:
     fake.write_text(
         "#!/usr/bin/env bash\n"
         'printf "%s\\n" "$@" > "$FAKE_RAY_OUT/args"\n'
-        'for a in "$@"; do case "$a" in --runtime-env=*) cp "${a#--runtime-env=}" "$FAKE_RAY_OUT/env.json";; esac; done\n'
+        'for a in "$@"; do case "$a" in\n'
+        '  --runtime-env=*) cp "${a#--runtime-env=}" "$FAKE_RAY_OUT/env.json";;\n'
+        "esac; done\n"
         'pwd > "$FAKE_RAY_OUT/cwd"\n'
     )
     fake.chmod(0o755)
@@ -125,11 +127,15 @@ def test_submit_ships_the_checkout_and_the_plugin(fake_ray, tmp_path):
     assert "not an absolute path" not in res.stderr
     assert {".git", ".venv", "data"} <= set(runtime_env["excludes"])
     assert "pip" not in runtime_env
-    assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("erc_runtime_env.") and
-                (Path(tempfile.gettempdir()) / p).stat().st_mtime > time.time() - 5], "temp env file left behind"
+    assert not [
+        p
+        for p in os.listdir(tempfile.gettempdir())
+        if p.startswith("erc_runtime_env.") and (Path(tempfile.gettempdir()) / p).stat().st_mtime > time.time() - 5
+    ], "temp env file left behind"
 
-    res = _run("submit", recipe, env={**env, "ERC_RAY_PIP": "sympy==1.14.0", "RAY_JOB_NO_WAIT": "1",
-                                       "DATA_DIR": "data/erc"})
+    res = _run(
+        "submit", recipe, env={**env, "ERC_RAY_PIP": "sympy==1.14.0", "RAY_JOB_NO_WAIT": "1", "DATA_DIR": "data/erc"}
+    )
     assert res.returncode == 0, res.stderr
     assert "DATA_DIR='data/erc' is not an absolute path" in res.stderr
     assert json.loads((tmp_path / "env.json").read_text())["pip"] == ["sympy==1.14.0"]
@@ -170,18 +176,30 @@ def test_real_local_head_starts_and_stops():
         "--disable-usage-stats",
         "--block",
     ]
-    env = {**os.environ, "RAY_BIN": ray_bin, "RAY_HEAD_IP": "127.0.0.1", "RAY_PORT": str(port),
-           "RAY_DASHBOARD_PORT": str(_free_port()), "RAY_NUM_CPUS": "1"}
+    env = {
+        **os.environ,
+        "RAY_BIN": ray_bin,
+        "RAY_HEAD_IP": "127.0.0.1",
+        "RAY_PORT": str(port),
+        "RAY_DASHBOARD_PORT": str(_free_port()),
+        "RAY_NUM_CPUS": "1",
+    }
     log = open(os.path.join(temp_dir, "head.log"), "w")
-    head = subprocess.Popen(["bash", str(SCRIPT), "head", *extra], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    head = subprocess.Popen(
+        ["bash", str(SCRIPT), "head", *extra], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         status = None
         while time.monotonic() < deadline:
             assert head.poll() is None, open(os.path.join(temp_dir, "head.log")).read()[-3000:]
-            status = subprocess.run(["bash", str(SCRIPT), "status", f"--address=127.0.0.1:{port}"], env=env,
-                                    capture_output=True, text=True, timeout=60)
+            status = subprocess.run(
+                ["bash", str(SCRIPT), "status", f"--address=127.0.0.1:{port}"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if status.returncode == 0 and "CPU" in status.stdout:
                 break
             time.sleep(2)

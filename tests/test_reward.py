@@ -129,11 +129,54 @@ def test_accepts_verl_call_signature_with_extra_kwargs():
     assert score == 1.0
 
 
-def test_loadable_through_verl_pkg_path():
-    from verl.utils.import_utils import load_extern_object
+def test_wired_through_verl_config_keys():
+    # The exact keys and pkg:// path a recipe uses, resolved the way verl 0.9.1's reward loop does.
+    import os
 
-    fn = load_extern_object("pkg://erc_verl.reward", "compute_score")
-    assert fn("x", r"\boxed{3}", "3") == 1.0
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    overrides = [
+        "reward.custom_reward_function.path=pkg://erc_verl.reward",
+        "reward.custom_reward_function.name=compute_score",
+        "+reward.custom_reward_function.reward_kwargs.unused_flag=1",
+    ]
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose("ppo_trainer", overrides=overrides)
+    fn = get_custom_reward_fn(config)
+    assert fn(data_source="aime2024", solution_str=r"\boxed{2}", ground_truth="2", extra_info={}) == 1.0
+    assert fn(data_source="aime2024", solution_str=r"\boxed{3}", ground_truth="2", extra_info={}) == 0.0
+
+
+def test_through_verl_naive_reward_manager():
+    # verl's reward manager decodes the response and calls compute_score via run_in_executor (a thread).
+    import types
+
+    import numpy as np
+    import torch
+    from verl import DataProto
+    from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
+
+    texts = {0: r"so \boxed{\frac{1}{2}}", 1: r"\boxed{3}"}
+    tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens=True: texts[int(ids[0])])
+    batch = DataProto.from_dict(
+        tensors={
+            "prompts": torch.tensor([[5, 5], [5, 5]]),
+            "responses": torch.tensor([[0, 9, 9], [1, 9, 9]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+        },
+        non_tensors={
+            "data_source": np.array(["aime2024", "math500"], dtype=object),
+            "reward_model": np.array([{"ground_truth": "0.5"}, {"ground_truth": "4"}], dtype=object),
+            "extra_info": np.array([{"index": 0}, {"index": 1}], dtype=object),
+        },
+    )
+    manager = NaiveRewardManager(config=None, tokenizer=tokenizer, compute_score=compute_score)
+    results = [manager.loop.run_until_complete(manager.run_single(batch[i : i + 1])) for i in range(2)]
+    assert [r["reward_score"] for r in results] == [1.0, 0.0]
+    assert results[0]["reward_extra_info"] == {"acc": 1.0}
 
 
 # ----------------------------------------------------------------------------- time bounds
@@ -195,8 +238,7 @@ def test_many_threads_at_once():
 
 def test_helper_that_hangs_is_killed_at_deadline():
     hang = (
-        "import json, sys, time; print(json.dumps({'ready': True}), flush=True); "
-        "sys.stdin.readline(); time.sleep(120)"
+        "import json, sys, time; print(json.dumps({'ready': True}), flush=True); sys.stdin.readline(); time.sleep(120)"
     )
     pool = reward._WorkerPool([sys.executable, "-c", hang], size=1, start_timeout_s=30)
     try:
@@ -220,3 +262,29 @@ def test_inline_mode_off_main_thread_guards_explosive_input(monkeypatch):
     monkeypatch.setenv("ERC_REWARD_ISOLATION", "inline")
     assert _in_thread(compute_score, "x", r"\boxed{9^{9^{9}}}", "540") == 0.0
     assert _in_thread(compute_score, "x", r"\boxed{12}", "12") == 1.0
+
+
+def test_helper_pipes_above_fd_1024(monkeypatch):
+    # Ray workers hold many sockets; the helper's pipes then get fd numbers select() cannot handle.
+    import os
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1300:
+        pytest.skip("open-file limit too low to push pipes above fd 1024")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    pool = reward._WorkerPool(reward._worker_argv(), size=1)
+    try:
+        assert pool.run({"pred": "2", "gold": "2", "timeout": 2}, deadline_s=30) == 1.0
+        assert pool._idle[0].proc.stdout.fileno() > 1024
+    finally:
+        pool.close()
+        for fd in held:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("script", ["print('not json', flush=True)", "print('[1]', flush=True)", "pass"])
+def test_helper_with_a_bad_handshake_is_refused(script):
+    pool = reward._WorkerPool([sys.executable, "-c", script], size=1, start_timeout_s=30)
+    with pytest.raises(RuntimeError, match="did not start"):
+        pool.run({"pred": "1", "gold": "1", "timeout": 1}, deadline_s=5)
+    assert pool._count == 0  # the slot is free again
