@@ -179,7 +179,7 @@ def plot_clip_fractions(frames: Mapping[str, pd.DataFrame], path: str) -> str:
         bars = ax.bar(x + i * width - 0.4 + width / 2, table[label].values, width, label=label)
         ax.bar_label(bars, labels=[f"{v:.1%}" for v in table[label].values], fontsize=7, padding=1)
     ax.set_xticks(x, table.index)
-    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
     ax.set_ylabel("share of sampled response tokens")
     ax.set_title("Tokens clipped by PPO-clip vs ERC")
     ax.legend(fontsize=8)
