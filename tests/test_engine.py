@@ -93,3 +93,16 @@ def test_unsupported_verl_versions_are_refused(version):
     with pytest.raises(RuntimeError, match="written for verl"):
         check_verl_version(version)
     check_verl_version("0.9.1")
+
+
+def test_graph_free_entropy_runs_in_cache_sized_chunks_on_cpu():
+    from erc_verl import engine as seam
+
+    model, td = tiny_qwen2(vocab_size=64), update_batch(seed=5)
+    engine = cpu_lm_engine(model)
+    enable_detached_entropy(engine)
+    with mock.patch.object(seam.verl_F, "entropy_from_logits_with_chunking",
+                           wraps=seam.verl_F.entropy_from_logits_with_chunking) as spy:
+        capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+    assert spy.call_args.kwargs["chunk_size"] == (4 << 20) // (64 * 4)
+    assert engine.compute_entropy_from_logits is not seam._chunked_entropy  # verl's function restored
