@@ -27,7 +27,7 @@ EXPERIMENT_NAME=${EXPERIMENT_NAME:-${METHOD}-${MODEL_SIZE}}
 MAX_PROMPT_LEN=${MAX_PROMPT_LEN:-2048}
 MAX_RESPONSE_LEN=${MAX_RESPONSE_LEN:-16384}         # paper: 16k responses in training
 MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU:-$(( (MAX_PROMPT_LEN + MAX_RESPONSE_LEN) * 2 ))}
-REWARD_FN_PATH=${REWARD_FN_PATH:-$("$PYTHON" -c 'import erc_verl.reward as r; print(r.__file__)')}
+REWARD_FN_PATH=${REWARD_FN_PATH:-pkg://erc_verl.reward}     # verl resolves pkg:// on every node
 
 COMMON_ARGS=(
   # data: 128 prompts per step, validation on AIME

@@ -52,7 +52,7 @@ def test_recipe_dry_run_has_paper_settings_and_passes_validation(recipe):
     assert cfg.actor_rollout_ref.rollout.name == "vllm" and actor.strategy.startswith("fsdp")
     val = cfg.actor_rollout_ref.rollout.val_kwargs
     assert (val.n, val.temperature, val.top_p, val.do_sample) == (32, 0.6, 0.95, True)
-    assert cfg.reward.custom_reward_function.path.endswith("erc_verl/reward.py")
+    assert cfg.reward.custom_reward_function.path == "pkg://erc_verl.reward"
     assert cfg.actor_rollout_ref.model.path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
     assert "postive_loss_coeff" not in OmegaConf.to_yaml(cfg)
 
