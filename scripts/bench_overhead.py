@@ -67,6 +67,8 @@ WORKER_TAG = "BENCH_WORKER_RESULT "
 # CPU acceptance targets of the issue (defined for --quick on CPU).
 TARGET_TIME_RATIO_ERC = 1.10
 TARGET_MEM_RATIO_ERC = 1.05
+# Peak RSS of identical CPU processes (mmap threshold pinned) agrees to about 1 MiB; CUDA's allocator is exact.
+RSS_NOISE_BYTES = 2 << 20
 
 QUICK = dict(hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=512, tokens=512, seqs=4,
              reps=5, warmup=1, mem_steps=1)
@@ -461,7 +463,7 @@ def summarize(cfg: dict, tokens: int, raw: dict, mem: dict) -> dict:
     return entry
 
 
-def check(entry: dict) -> dict:
+def check(entry: dict, device: str) -> dict:
     erc, graph = entry["variants"]["erc"], entry["variants"].get("graph_entropy")
     tr, mr = entry["time_ratio_erc"], entry["mem_ratio_erc"]
     criteria = {
@@ -470,8 +472,10 @@ def check(entry: dict) -> dict:
         f"erc peak mem <= {TARGET_MEM_RATIO_ERC:.2f} x dapo": mr is not None and mr <= TARGET_MEM_RATIO_ERC,
     }
     if graph is not None:
-        criteria["erc peak mem <= graph_entropy peak mem"] = (
-            "peak_mem_bytes" in erc and "peak_mem_bytes" in graph and erc["peak_mem_bytes"] <= graph["peak_mem_bytes"])
+        noise = RSS_NOISE_BYTES if device == "cpu" else 0
+        criteria[f"erc peak mem <= graph_entropy peak mem (+{noise >> 20} MiB RSS noise)"] = (
+            "peak_mem_bytes" in erc and "peak_mem_bytes" in graph
+            and erc["peak_mem_bytes"] <= graph["peak_mem_bytes"] + noise)
     return {"pass": all(criteria.values()), "criteria": criteria}
 
 
@@ -650,7 +654,7 @@ def main(argv=None) -> int:
         "sweep": entries if len(entries) > 1 else None,
     }
     if "erc" in variants and args.memory:
-        result["check"] = c = check(head)
+        result["check"] = c = check(head, cfg["device"])
         scope = "" if (cfg["quick"] and cfg["device"] == "cpu") else " [the targets are defined for --quick on cpu]"
         keys = ("time_ratio_erc", "time_ratio_paired_erc", "mem_ratio_erc", "time_ratio_graph_entropy",
                 "mem_ratio_graph_entropy")
