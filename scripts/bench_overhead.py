@@ -37,7 +37,7 @@ vocabulary, so the (tokens x vocab) logits dominate activation memory. Input is 
 (``use_remove_padding=True``: ``left_right_2_no_padding`` then ``prepare_model_inputs`` -> one (1, tokens) row).
 
 Examples:
-  python scripts/bench_overhead.py --quick --json /tmp/bench_quick.json
+  python scripts/bench_overhead.py --quick --json bench_quick.json
   python scripts/bench_overhead.py --quick --sweep 256,512,1024
   python scripts/bench_overhead.py --preset r1-distill-1.5b --device cuda --json r1.json
   python scripts/bench_overhead.py --vocab 512 --hidden-size 32 --layers 1 --tokens 64 --reps 1 --warmup 0
