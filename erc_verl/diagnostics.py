@@ -23,21 +23,14 @@ from typing import Any, Optional
 import torch
 
 from erc_verl.gate import entropy_ratio
+from erc_verl.losses import config_value
 
 logger = logging.getLogger(__name__)
 
 FILE_PREFIX = "tokens-"
 FILE_SUFFIX = ".jsonl"
 
-# Read with `_cfg` so both verl's actor dataclass and an OmegaConf/dict config work.
 _DEFAULT_CLIP_RATIO_C = 3.0  # verl's default for dual-clip PPO
-
-
-def _cfg(config: Any, key: str, default: Any = None) -> Any:
-    if config is None:
-        return default
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -52,13 +45,13 @@ class ClipBounds:
 
     @classmethod
     def from_config(cls, config: Any) -> "ClipBounds":
-        clip_ratio = _cfg(config, "clip_ratio", 0.2)
+        clip_ratio = config_value(config, "clip_ratio", 0.2)
         return cls(
-            clip_low=float(_cfg(config, "clip_ratio_low", clip_ratio)),
-            clip_high=float(_cfg(config, "clip_ratio_high", clip_ratio)),
-            clip_c=float(_cfg(config, "clip_ratio_c", _DEFAULT_CLIP_RATIO_C)),
-            erc_low=float(_cfg(config, "entropy_mask_low", 0.0)),
-            erc_high=float(_cfg(config, "entropy_mask_high", math.inf)),
+            clip_low=float(config_value(config, "clip_ratio_low", clip_ratio)),
+            clip_high=float(config_value(config, "clip_ratio_high", clip_ratio)),
+            clip_c=float(config_value(config, "clip_ratio_c", _DEFAULT_CLIP_RATIO_C)),
+            erc_low=float(config_value(config, "entropy_mask_low", 0.0)),
+            erc_high=float(config_value(config, "entropy_mask_high", math.inf)),
         )
 
 
@@ -92,15 +85,15 @@ class TokenDiagnostics:
     """
 
     def __init__(self, config: Any, rank: int = 0):
-        directory = _cfg(config, "dir")
+        directory = config_value(config, "dir")
         if not directory:
             raise ValueError(
                 "TokenDiagnostics needs erc_diagnostics.dir; use erc_verl.diagnostics.maybe_diagnostics(config, rank), "
                 "which returns None when diagnostics are off."
             )
         self.dir = os.fspath(directory)
-        self.tokens_per_step = int(_cfg(config, "tokens_per_step", 256))
-        self.max_records = int(_cfg(config, "max_records", 200_000))
+        self.tokens_per_step = int(config_value(config, "tokens_per_step", 256))
+        self.max_records = int(config_value(config, "max_records", 200_000))
         if self.tokens_per_step <= 0 or self.max_records <= 0:
             raise ValueError(
                 "erc_diagnostics.tokens_per_step and .max_records must be positive, got "
@@ -114,7 +107,7 @@ class TokenDiagnostics:
         self._warned_full = False
         self._generator = torch.Generator(device="cpu")
         # Distinct, reproducible streams per rank.
-        self._generator.manual_seed(int(_cfg(config, "seed", 0)) * 100_003 + self.rank)
+        self._generator.manual_seed(int(config_value(config, "seed", 0)) * 100_003 + self.rank)
 
     # -- file handling -------------------------------------------------------------------------
     def _open(self):
@@ -248,6 +241,6 @@ def maybe_diagnostics(config: Any, rank: int = 0) -> Optional[TokenDiagnostics]:
 
     ``config`` is the ``erc_diagnostics`` section (``ERCDiagnosticsConfig`` or a dict), or None.
     """
-    if config is None or not _cfg(config, "dir"):
+    if config is None or not config_value(config, "dir"):
         return None
     return TokenDiagnostics(config, rank=rank)

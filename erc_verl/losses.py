@@ -29,17 +29,16 @@ def is_erc_loss_mode(loss_mode: str | None) -> bool:
     return loss_mode in ERC_LOSS_MODES
 
 
-def _cfg(config: Any, key: str, default: Any = None) -> Any:
-    """Read a key from verl's actor dataclass or an OmegaConf/dict config alike."""
+def config_value(config: Any, key: str, default: Any = None) -> Any:
+    """Read a key from verl's actor dataclass or an OmegaConf/dict config alike; unset or None -> default."""
     if config is None:
         return default
-    if hasattr(config, "get"):
-        return config.get(key, default)
-    return getattr(config, key, default)
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return default if value is None else value
 
 
 def erc_bounds_from_config(config: Any) -> ERCBounds:
-    low, high = _cfg(config, "entropy_mask_low"), _cfg(config, "entropy_mask_high")
+    low, high = config_value(config, "entropy_mask_low"), config_value(config, "entropy_mask_high")
     if low is None or high is None:
         raise ValueError(
             "ERC loss selected but actor_rollout_ref.actor.entropy_mask_low / entropy_mask_high are not set. "
@@ -50,7 +49,7 @@ def erc_bounds_from_config(config: Any) -> ERCBounds:
 
 
 def erc_base_loss_mode(loss_mode: str, config: Any) -> str:
-    base = ERC_LOSS_MODES[loss_mode] or _cfg(config, "erc_base_loss_mode")
+    base = ERC_LOSS_MODES[loss_mode] or config_value(config, "erc_base_loss_mode")
     if not base:
         raise ValueError(
             "loss_mode=erc gates another registered verl loss: set actor_rollout_ref.actor.erc_base_loss_mode "
@@ -77,10 +76,10 @@ def compute_policy_loss_gppo(
     equal in value, with gradient ``(1±eps) * A * dlogp``. The dual-clip bound ``clip_ratio_c`` for
     negative advantages caps the loss exactly as in verl's ``vanilla``.
     """
-    clip_ratio = _cfg(config, "clip_ratio")
-    eps_low = _cfg(config, "clip_ratio_low") if _cfg(config, "clip_ratio_low") is not None else clip_ratio
-    eps_high = _cfg(config, "clip_ratio_high") if _cfg(config, "clip_ratio_high") is not None else clip_ratio
-    clip_ratio_c = _cfg(config, "clip_ratio_c", 3.0)
+    clip_ratio = config_value(config, "clip_ratio")
+    eps_low = config_value(config, "clip_ratio_low", clip_ratio)
+    eps_high = config_value(config, "clip_ratio_high", clip_ratio)
+    clip_ratio_c = config_value(config, "clip_ratio_c", 3.0)
     if clip_ratio_c <= 1.0:
         raise ValueError(f"actor_rollout_ref.actor.clip_ratio_c must be > 1.0 for dual-clip, got {clip_ratio_c}.")
 
@@ -107,7 +106,7 @@ def compute_policy_loss_gppo(
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
 
-    global_batch_info = _cfg(config, "global_batch_info", None) or {}
+    global_batch_info = config_value(config, "global_batch_info", None) or {}
     pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **global_batch_info)
     metrics = {
         "actor/pg_clipfrac": pg_clipfrac.detach().item(),

@@ -88,6 +88,15 @@ COMMON_ARGS=(
   trainer.total_epochs=${TOTAL_EPOCHS:-10}
 )
 
+# DAPO-style dynamic sampling: drop prompt groups whose rewards are all equal, regenerate up to 10 batches
+if [[ "${DYNAMIC_SAMPLING:-0}" == "1" ]]; then
+  COMMON_ARGS+=(
+    algorithm.filter_groups.enable=True
+    algorithm.filter_groups.metric=reward
+    algorithm.filter_groups.max_num_gen_batches=10
+  )
+fi
+
 if [[ "${ERC_DRY_RUN:-0}" == "1" ]]; then
   exec "$PYTHON" -m erc_verl.main_ppo "${COMMON_ARGS[@]}" "${METHOD_ARGS[@]}" "$@" --cfg job
 fi
