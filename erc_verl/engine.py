@@ -8,10 +8,11 @@ under ``torch.no_grad()`` (``distillation_only=True`` skips the log-prob half), 
 log-probs exactly as it does without ERC. verl's layout handling (remove-padding, Ulysses gather,
 chunked entropy, fused kernels, temperature) is reused, not copied.
 
-Without ``torch.compile`` (always on CPU) the graph-free pass runs verl's chunked entropy in small
-row chunks: the whole-tensor version allocates three tokens x vocab float32 temporaries, and on CPU
-faulting those pages in cost more than the arithmetic (+28% step time at the 151,936-token vocabulary,
-scripts/bench_overhead.py). verl's compiled entropy is a fused pass and is kept as is.
+Without ``torch.compile`` (always on CPU) the graph-free pass swaps verl's entropy function for
+``erc_verl.entropy.entropy_from_logits_no_grad``: one exponential per logit in cache-sized chunks instead
+of verl's two and three tokens x vocab temporaries (+28% step time at the 151,936-token vocabulary with
+verl's function, see scripts/bench_overhead.py and the README). verl's compiled entropy is a fused pass
+and is kept as is.
 
 Tested against verl 0.9.x (see ``SUPPORTED_VERL``); ``check_engine_contract`` fails loudly if the
 engine no longer reads the micro-batch keys this relies on.
@@ -28,14 +29,12 @@ from tensordict import TensorDict
 
 import verl
 from verl.utils import tensordict_utils as tu
-from verl.utils import torch_functional as verl_F
+
+from erc_verl.entropy import entropy_from_logits_no_grad
 
 # Non-tensor key the ERC trainer sets on update batches: "give the loss a detached current entropy".
 DETACHED_ENTROPY_KEY = "erc_detached_entropy"
 SUPPORTED_VERL = SpecifierSet(">=0.9.0,<0.10")
-# Bytes of float32 logits per chunk of the graph-free entropy (small on CPU to stay in cache).
-NO_GRAD_ENTROPY_CHUNK_BYTES = {"cpu": 4 << 20}
-DEFAULT_NO_GRAD_ENTROPY_CHUNK_BYTES = 256 << 20
 _ENGINE_KEYS = ("calculate_entropy", "distillation_only", "distillation_use_topk", "calculate_sum_pi_squared")
 
 
@@ -74,10 +73,10 @@ def _entropy_only(micro_batch: TensorDict) -> TensorDict:
     return request
 
 
-def _chunked_entropy(logits: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """verl's chunked entropy with a row count sized for the device (``chunk_size`` from verl is ignored)."""
-    budget = NO_GRAD_ENTROPY_CHUNK_BYTES.get(logits.device.type, DEFAULT_NO_GRAD_ENTROPY_CHUNK_BYTES)
-    return verl_F.entropy_from_logits_with_chunking(logits, chunk_size=max(1, budget // (logits.shape[-1] * 4)))
+def _read_only_entropy(logits: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Stands in for verl's ``compute_entropy_from_logits``. ``chunk_size`` (verl's
+    ``entropy_from_logits_chunk_size``, sized for graph memory) is ignored: the chunks here are sized for cache."""
+    return entropy_from_logits_no_grad(logits)
 
 
 def enable_detached_entropy(engine) -> None:
@@ -94,7 +93,7 @@ def enable_detached_entropy(engine) -> None:
         verl_entropy = engine.compute_entropy_from_logits
         logits = getattr(output, "logits", None)  # None with fused kernels, which return the entropy themselves
         compiled = engine.engine_config.use_torch_compile and logits is not None and logits.device.type != "cpu"
-        engine.compute_entropy_from_logits = verl_entropy if compiled else _chunked_entropy
+        engine.compute_entropy_from_logits = verl_entropy if compiled else _read_only_entropy
         try:
             with torch.no_grad():
                 request = _entropy_only(micro_batch)

@@ -95,14 +95,15 @@ def test_unsupported_verl_versions_are_refused(version):
     check_verl_version("0.9.1")
 
 
-def test_graph_free_entropy_runs_in_cache_sized_chunks_on_cpu():
+def test_graph_free_pass_uses_the_read_only_entropy_and_restores_verls():
     from erc_verl import engine as seam
 
     model, td = tiny_qwen2(vocab_size=64), update_batch(seed=5)
     engine = cpu_lm_engine(model)
+    verl_entropy = engine.compute_entropy_from_logits
     enable_detached_entropy(engine)
-    with mock.patch.object(seam.verl_F, "entropy_from_logits_with_chunking",
-                           wraps=seam.verl_F.entropy_from_logits_with_chunking) as spy:
-        capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
-    assert spy.call_args.kwargs["chunk_size"] == (4 << 20) // (64 * 4)
-    assert engine.compute_entropy_from_logits is not seam._chunked_entropy  # verl's function restored
+    with mock.patch.object(seam, "entropy_from_logits_no_grad", wraps=seam.entropy_from_logits_no_grad) as spy:
+        seen = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+    assert spy.call_count == 1 and spy.call_args.args[0].shape[-1] == 64
+    assert seen["entropy"].values().shape == seen["log_probs"].values().shape
+    assert engine.compute_entropy_from_logits is verl_entropy  # verl's function restored after the pass
