@@ -13,11 +13,11 @@ Three variants run through verl's real ``FSDPEngineWithLMHead.forward_step`` (on
                  ``calculate_entropy=True``): stock engine, micro-batch ``calculate_entropy=True``, no detached
                  flag, same loss (``ppo_loss_with_entropy``, ``grpo_erc``).
 
-Time: one process, one shared model and micro-batch, ``--warmup`` steps per variant, then ``--reps`` rounds
+Time: one fresh process, one shared model and micro-batch, ``--warmup`` steps per variant, then ``--reps`` rounds
 round-robin (dapo erc graph_entropy dapo erc ...); the table quotes medians. ``loss.backward()`` is inside the
 timed region, parameter ``.grad`` is reset to None outside it (as ``optimizer.zero_grad`` does).
 Memory: fresh processes (``--worker VARIANT``), ``--mem-runs`` per variant, all finished before the timing process
-builds its model; ratios use each variant's median peak (every run is kept in the JSON). On CPU each process
+starts; ratios use each variant's median peak (every run is kept in the JSON). On CPU each process
 reports ``ru_maxrss`` (its whole peak resident set, nothing subtracted) after its steps, with the RSS right after
 building model and batch beside it as ``base``. On CUDA each reports ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats`` (weights included, nothing subtracted).
@@ -27,10 +27,17 @@ peak RSS of identical processes differs at random (here the same variant peaked 
 size of the 5% target). The memory processes therefore run with ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's
 initial value, pinned): every block >= 128 KiB is its own mapping and goes back to the OS when the tensor is
 freed, so peak RSS follows live tensors (identical processes then agree to ~1 MiB). That changes where memory
-comes from, not what is counted; nothing is subtracted. ``--mem-malloc default`` keeps glibc's default. The
-timing process always runs with the default allocator. Wall times on a shared CPU machine are noisy: the table
-shows each variant's spread and process CPU time, and warns when the steps got less CPU than they asked for
-(``--threads 1 --timer cpu`` is the most contention-proof setting).
+comes from, not what is counted; nothing is subtracted. ``--mem-malloc default`` keeps glibc's default.
+
+CPU time: the (tokens x vocab) logits and their gradient (311 MB each at --quick) are above glibc's largest mmap
+threshold (32 MiB), so with the default allocator every step maps them afresh and the kernel faults in and zeroes
+their pages: 76k-455k page faults and 0.4-0.9 s of system time per ~1.2 s step, varying step to step (measured
+with getrusage), which made the same variant's steps differ by 15%. The timing process therefore runs with
+glibc keeping freed memory for reuse (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**40``), as CUDA's caching
+allocator does on a GPU: after warm-up the steps fault nothing and the time is the step's compute.
+``--time-malloc default`` times with glibc's default instead. Wall times on a shared CPU machine are still noisy:
+the table shows each variant's spread and process CPU time, and warns when the steps got less CPU than they asked
+for (``--threads 1 --timer cpu`` is the most contention-proof setting).
 
 The model is an HF Qwen2 with random weights built from a config (nothing downloaded) and the real 151,936-token
 vocabulary, so the (tokens x vocab) logits dominate activation memory. Input is packed exactly as verl packs it
@@ -84,7 +91,7 @@ PRESETS = {
 DEFAULTS = dict(hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=None, vocab=REAL_VOCAB,
                 tokens=512, seqs=4, response_frac=0.75, rope_theta=10000.0, rms_norm_eps=1e-6,
                 max_position_embeddings=None, dtype="float32", gradient_checkpointing=False, reps=7, warmup=2,
-                mem_steps=2, mem_runs=2, mem_jobs=None, mem_malloc="pinned", entropy_compile="auto",
+                mem_steps=2, mem_runs=2, mem_jobs=None, mem_malloc="pinned", time_malloc="cached", entropy_compile="auto",
                 entropy_chunking=False, entropy_chunk_size=2048, seed=0)
 
 
@@ -370,21 +377,31 @@ def worker_main(variant: str, cfg: dict, tokens: int) -> dict:
     return result
 
 
-MALLOC_PINNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+# glibc settings per process kind (see the module docstring); applied on CPU only.
+MALLOC_ENV = {
+    "pinned": {"MALLOC_MMAP_THRESHOLD_": "131072"},  # memory processes: peak RSS follows live tensors
+    "cached": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},  # timing: freed memory reused
+    "default": {},
+}
 
 
-def run_worker(variant: str, cfg: dict, tokens: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--worker-tokens", str(tokens),
-           "--worker-config", json.dumps(cfg)]
-    env = dict(os.environ)
-    if cfg["mem_malloc"] == "pinned":
-        env.update(MALLOC_PINNED_ENV)
+def run_subprocess(worker_args: list[str], cfg: dict, malloc: str) -> dict:
+    """Run this script as a fresh worker process with the given glibc setting; return its JSON result.
+    Inherited MALLOC_* variables are dropped so each process runs with exactly the setting named."""
+    cmd = [sys.executable, os.path.abspath(__file__), *worker_args, "--worker-config", json.dumps(cfg)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if cfg["device"] == "cpu":
+        env.update(MALLOC_ENV[malloc])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(WORKER_TAG)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise RuntimeError(f"memory worker {variant} (tokens={tokens}) failed with exit code {proc.returncode}")
+        raise RuntimeError(f"worker {' '.join(worker_args)} failed with exit code {proc.returncode}")
     return json.loads(lines[-1][len(WORKER_TAG):])
+
+
+def run_worker(variant: str, cfg: dict, tokens: int) -> dict:
+    return run_subprocess(["--worker", variant, "--worker-tokens", str(tokens)], cfg, cfg["mem_malloc"])
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -404,6 +421,20 @@ def time_variants(cfg: dict, model, tokens: int, variants) -> dict[str, dict[str
             raw[name]["wall"].append(wall)
             raw[name]["cpu"].append(cpu)
     return raw
+
+
+def timing_main(cfg: dict, variants: list[str]) -> dict:
+    """Fresh process: one model, every token count timed, variants interleaved."""
+    setup_torch(cfg)
+    import torch
+
+    model = build_model(cfg)
+    load_before = os.getloadavg()
+    raw = {}
+    for tokens in cfg["token_list"]:
+        raw[tokens] = time_variants(cfg, model, tokens, variants)
+    return {"raw": raw, "threads": torch.get_num_threads(), "loadavg_before_after": [load_before, os.getloadavg()],
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -556,6 +587,9 @@ def parse_args(argv=None):
     p.add_argument("--mem-malloc", dest="mem_malloc", choices=("pinned", "default"),
                    help="CPU memory processes: pin glibc's mmap threshold at 128 KiB (default) or leave glibc's "
                         "dynamic threshold (noisier peak RSS)")
+    p.add_argument("--time-malloc", dest="time_malloc", choices=("cached", "default"),
+                   help="CPU timing process: glibc keeps freed memory for reuse, as a caching allocator does (default), "
+                        "or glibc's default (every step re-faults its logits-sized buffers: noisy)")
     p.add_argument("--mem-jobs", dest="mem_jobs", type=int,
                    help="memory processes run at once (default 2 on cpu, 1 on cuda)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
@@ -575,7 +609,7 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-variant memory processes")
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--check", action="store_true", help="exit 1 when the acceptance check fails")
-    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=(*VARIANTS, "timing"), help=argparse.SUPPRESS)
     p.add_argument("--worker-tokens", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-config", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -583,6 +617,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.worker == "timing":
+        result = timing_main(json.loads(args.worker_config), args.variants.split(","))
+        print(WORKER_TAG + json.dumps(result), flush=True)
+        return 0
     if args.worker:
         result = worker_main(args.worker, json.loads(args.worker_config), args.worker_tokens)
         print(WORKER_TAG + json.dumps(result), flush=True)
@@ -599,7 +637,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
 
-    # Memory first, in fresh processes, before this process holds a model (matters on a shared GPU).
+    # Memory first, in fresh processes, then timing in another (only one model on a shared GPU at a time).
     mem: dict[int, dict[str, dict]] = {t: {} for t in cfg["token_list"]}
     if args.memory:
         jobs = [(tokens, name) for tokens in cfg["token_list"] for _ in range(cfg["mem_runs"]) for name in variants]
@@ -609,27 +647,25 @@ def main(argv=None) -> int:
                 print(f"  memory process {name:<13} tokens={tokens}: peak {mib(result['peak'])} MiB "
                       f"(base {mib(result['base'])} MiB)", flush=True)
 
-    setup_torch(cfg)
+    timing = run_subprocess(["--worker", "timing", "--variants", ",".join(variants)], cfg, cfg["time_malloc"])
+    entries = []
+    for tokens in cfg["token_list"]:
+        raw = timing["raw"][str(tokens)]
+        entries.append(summarize(cfg, tokens, raw, mem[tokens]))
+        print(f"  timed tokens={tokens}: " + ", ".join(
+            f"{n} {statistics.median(t['wall']) * 1e3:.1f} ms" for n, t in raw.items()), flush=True)
+
     import torch
     import transformers
 
     import verl
     from verl.utils import torch_functional as verl_F
 
-    model = build_model(cfg)
-    entries = []
-    load_before = os.getloadavg()
-    for tokens in cfg["token_list"]:
-        raw = time_variants(cfg, model, tokens, variants)
-        entries.append(summarize(cfg, tokens, raw, mem[tokens]))
-        print(f"  timed tokens={tokens}: " + ", ".join(
-            f"{n} {statistics.median(t['wall']) * 1e3:.1f} ms" for n, t in raw.items()), flush=True)
-    load_after = os.getloadavg()
-
     print_table(cfg, entries)
-    utilization, note = contention_note(cfg, entries, torch.get_num_threads())
+    threads = timing["threads"]
+    utilization, note = contention_note(cfg, entries, threads)
     if utilization is not None:
-        print(f"cpu utilization of the timed steps: {utilization:.0%} of {torch.get_num_threads()} thread(s)")
+        print(f"cpu utilization of the timed steps: {utilization:.0%} of {threads} thread(s)")
     if note:
         print(note)
     head = entries[-1]  # the largest token count
@@ -638,9 +674,10 @@ def main(argv=None) -> int:
         "device": cfg["device"],
         "device_name": (torch.cuda.get_device_name() if cfg["device"] == "cuda"
                         else platform.processor() or platform.machine()),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
         "cpu_count": os.cpu_count(),
-        "loadavg_before_after_timing": [load_before, load_after],
+        "loadavg_before_after_timing": timing["loadavg_before_after"],
+        "timing_malloc_env": timing["malloc_env"],
         "cpu_utilization": utilization,
         "contention_note": note,
         "flash_attn_cross_entropy": verl_F.FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE,

@@ -37,6 +37,9 @@ def test_bench_overhead_json_and_table(tmp_path):
     assert result["memory_metric"] == "ru_maxrss"
     assert result["versions"]["verl"] and result["versions"]["torch"] and result["date"]
     assert result["config"]["hidden_size"] == 32 and result["config"]["reps"] == 1
+    # the timing process ran with glibc reusing freed memory (no per-step page faults), and only that setting
+    assert result["timing_malloc_env"] == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+    assert {w["malloc_mmap_threshold"] for v in result["variants"].values() for w in v["workers"]} == {"131072"}
 
     for name in VARIANTS:
         v = result["variants"][name]
@@ -58,7 +61,7 @@ def test_bench_overhead_json_and_table(tmp_path):
 
 @pytest.mark.integration
 def test_bench_overhead_sweep_reports_every_token_count(tmp_path):
-    result, _ = run_bench(tmp_path, "--sweep", "32,64", "--no-memory")
+    result, _ = run_bench(tmp_path, "--sweep", "32,64", "--no-memory", "--time-malloc", "default")
 
     assert [entry["tokens"] for entry in result["sweep"]] == [32, 64]
     assert result["tokens"] == 64  # the top-level numbers are those of the largest token count
@@ -67,3 +70,4 @@ def test_bench_overhead_sweep_reports_every_token_count(tmp_path):
             assert math.isfinite(entry[key]) and entry[key] > 0
         assert entry["mem_ratio_erc"] is None  # --no-memory: no memory processes, no memory ratios
     assert "check" not in result
+    assert result["timing_malloc_env"] == {}
