@@ -101,7 +101,9 @@ def enable_detached_entropy(engine) -> None:
         finally:
             engine.compute_entropy_from_logits = verl_entropy
         model_output = verl_prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
-        model_output["entropy"] = entropy
+        # detach: with fused kernels the entropy is a view of the forward's output, and views taken under
+        # no_grad still report requires_grad
+        model_output["entropy"] = entropy.detach()
         return model_output
 
     engine.prepare_model_outputs = prepare_model_outputs

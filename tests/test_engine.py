@@ -32,7 +32,7 @@ def capture_outputs(engine, td, **flags):
     ) as spy:
         loss, _ = engine.forward_step(td, loss_function=loss_fn, forward_only=False)
     loss.backward()
-    seen["inplace_backward"] = spy.call_args.kwargs.get("inplace_backward")
+    seen["inplace_backward"] = spy.call_args.kwargs.get("inplace_backward") if spy.called else None
     return seen
 
 
@@ -107,3 +107,91 @@ def test_graph_free_pass_uses_the_read_only_entropy_and_restores_verls():
     assert spy.call_count == 1 and spy.call_args.args[0].shape[-1] == 64
     assert seen["entropy"].values().shape == seen["log_probs"].values().shape
     assert engine.compute_entropy_from_logits is verl_entropy  # verl's function restored after the pass
+
+
+def test_fused_kernels_entropy_is_read_detached_without_recomputation():
+    """verl's fused linear-for-PPO forward (torch backend, runs on CPU) returns log-probs and entropy together;
+    the seam reads that entropy detached and computes nothing else."""
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
+
+    from erc_verl import engine as seam
+
+    model, td = tiny_qwen2(), update_batch(seed=6)
+    tu.assign_non_tensor(td, use_fused_kernels=True)
+    # verl patches the model *class*; restore it after the test
+    with mock.patch.object(type(model), "forward", type(model).forward):
+        patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+        graph = capture_outputs(cpu_lm_engine(model), td, calculate_entropy=True)
+        grads_graph = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+
+        engine = cpu_lm_engine(model)
+        enable_detached_entropy(engine)
+        with mock.patch.object(seam, "entropy_from_logits_no_grad") as own_entropy:
+            fused = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+        grads_fused = [p.grad.clone() for p in model.parameters()]
+
+    own_entropy.assert_not_called()
+    assert graph["entropy"].requires_grad and not fused["entropy"].requires_grad
+    torch.testing.assert_close(fused["entropy"].values(), graph["entropy"].values().detach())
+    torch.testing.assert_close(fused["log_probs"].values(), graph["log_probs"].values().detach())
+    for a, b in zip(grads_fused, grads_graph):
+        torch.testing.assert_close(a, b)
+
+
+class _SequenceParallelStandIn(torch.nn.Module):
+    """Ulysses attention needs flash-attn on CUDA, so it cannot run here. This stand-in gives each rank what an
+    Ulysses forward gives it, its shard of the packed sequence's logits, by all-gathering the (padded, sliced)
+    inputs verl prepared and running the real model on the whole sequence. Everything around it (verl's pad and
+    slice, the all-gather and unpad of entropy and log-probs, the seam) is real, with gloo collectives."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, position_ids, **kwargs):
+        import torch.distributed as dist
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+
+        def gather(t):
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t)
+            return torch.cat(parts, dim=-1)
+
+        logits = self.model(input_ids=gather(input_ids), position_ids=gather(position_ids), **kwargs).logits
+        return CausalLMOutputWithPast(logits=logits.chunk(world, dim=1)[rank])
+
+
+def _ulysses_rank(rank, world, init_file):
+    import torch.distributed as dist
+
+    from verl.utils.ulysses import set_ulysses_sequence_parallel_group
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, td = tiny_qwen2(), update_batch(seed=1)
+        assert int(td["input_ids"].offsets()[-1]) % world, "want a token count verl must pad for sp"
+        reference = capture_outputs(cpu_lm_engine(model), td, calculate_entropy=True)
+
+        set_ulysses_sequence_parallel_group(dist.group.WORLD)
+        engine = cpu_lm_engine(_SequenceParallelStandIn(model))
+        engine.use_ulysses_sp, engine.ulysses_sequence_parallel_size = True, world
+        enable_detached_entropy(engine)
+        sharded = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+
+        assert not sharded["entropy"].requires_grad and sharded["inplace_backward"] is True
+        torch.testing.assert_close(sharded["entropy"].values(), reference["entropy"].values().detach())
+        torch.testing.assert_close(sharded["log_probs"].values(), reference["log_probs"].values().detach())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_ulysses_sequence_parallel_gathers_the_detached_entropy(tmp_path):
+    """Two gloo ranks, sp=2: packed tokens (33) are padded to a multiple of 2 and sliced by verl; each rank's
+    detached entropy is all-gathered and unpadded by verl and matches the unsharded entropy token for token."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ulysses_rank, args=(2, str(tmp_path / "dist_init")), nprocs=2, join=True)
