@@ -31,7 +31,7 @@ comes from, not what is counted; nothing is subtracted. ``--mem-malloc default``
 
 CPU time: the (tokens x vocab) logits and their gradient (311 MB each at --quick) are above glibc's largest mmap
 threshold (32 MiB), so with the default allocator every step maps them afresh and the kernel faults in and zeroes
-their pages: 76k-455k page faults and 0.4-0.9 s of system time per ~1.2 s step, varying step to step (measured
+their pages: 200k-456k page faults and 0.4-0.9 s of system time per ~1.2 s step, varying step to step (measured
 with getrusage), which made the same variant's steps differ by 15%. The timing process therefore runs with
 glibc keeping freed memory for reuse (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**40``), as CUDA's caching
 allocator does on a GPU: after warm-up the steps fault nothing and the time is the step's compute.
@@ -91,8 +91,8 @@ PRESETS = {
 DEFAULTS = dict(hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=None, vocab=REAL_VOCAB,
                 tokens=512, seqs=4, response_frac=0.75, rope_theta=10000.0, rms_norm_eps=1e-6,
                 max_position_embeddings=None, dtype="float32", gradient_checkpointing=False, reps=7, warmup=2,
-                mem_steps=2, mem_runs=2, mem_jobs=None, mem_malloc="pinned", time_malloc="cached", entropy_compile="auto",
-                entropy_chunking=False, entropy_chunk_size=2048, seed=0)
+                mem_steps=2, mem_runs=2, mem_jobs=None, mem_malloc="pinned", time_malloc="cached",
+                entropy_compile="auto", entropy_chunking=False, entropy_chunk_size=2048, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -588,8 +588,8 @@ def parse_args(argv=None):
                    help="CPU memory processes: pin glibc's mmap threshold at 128 KiB (default) or leave glibc's "
                         "dynamic threshold (noisier peak RSS)")
     p.add_argument("--time-malloc", dest="time_malloc", choices=("cached", "default"),
-                   help="CPU timing process: glibc keeps freed memory for reuse, as a caching allocator does (default), "
-                        "or glibc's default (every step re-faults its logits-sized buffers: noisy)")
+                   help="CPU timing process: glibc keeps freed memory for reuse, as a caching allocator does "
+                        "(default), or glibc's default (every step re-faults its logits-sized buffers: noisy)")
     p.add_argument("--mem-jobs", dest="mem_jobs", type=int,
                    help="memory processes run at once (default 2 on cpu, 1 on cuda)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
