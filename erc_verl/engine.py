@@ -8,11 +8,11 @@ under ``torch.no_grad()`` (``distillation_only=True`` skips the log-prob half), 
 log-probs exactly as it does without ERC. verl's layout handling (remove-padding, Ulysses gather,
 chunked entropy, fused kernels, temperature) is reused, not copied.
 
-Without ``torch.compile`` (always on CPU) the graph-free pass swaps verl's entropy function for
-``erc_verl.entropy.entropy_from_logits_no_grad``: one exponential per logit in cache-sized chunks instead
-of verl's two and three tokens x vocab temporaries (+28% step time at the 151,936-token vocabulary with
-verl's function, see scripts/bench_overhead.py and the README). verl's compiled entropy is a fused pass
-and is kept as is.
+With remove-padding (verl's default) and without ``torch.compile`` (always on CPU) the graph-free pass
+swaps verl's entropy function for ``erc_verl.entropy.entropy_from_logits_no_grad``: one exponential per
+logit in cache-sized chunks instead of verl's two and three tokens x vocab temporaries (+28% step time at
+the 151,936-token vocabulary with verl's function, see scripts/bench_overhead.py and the README). verl's
+compiled entropy is a fused pass and is kept as is.
 
 Tested against verl 0.9.x (see ``SUPPORTED_VERL``); ``check_engine_contract`` fails loudly if the
 engine no longer reads the micro-batch keys this relies on.

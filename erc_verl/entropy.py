@@ -33,24 +33,29 @@ def default_chunk_rows(logits: torch.Tensor) -> int:
 
 @torch.no_grad()
 def entropy_from_logits_no_grad(logits: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """Float32 entropy of each row of finite ``logits`` (tokens, vocab), any float dtype, ``rows`` rows at a
-    time (default: the device's budget above). ``logits`` is not modified."""
-    rows = rows or default_chunk_rows(logits)
-    entropy = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    shifted = torch.empty(min(rows, logits.shape[0]), logits.shape[-1], dtype=torch.float32, device=logits.device)
+    """Float32 entropy over the last dimension of ``logits`` (..., vocab), any float dtype, ``rows`` rows at a
+    time (default: the device's budget above). ``logits`` is not modified. Logits at -inf or float min (masked
+    tokens) count as probability 0."""
+    if rows is not None and rows < 1:
+        raise ValueError(f"rows must be a positive number of rows per chunk, got {rows}")
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = rows or default_chunk_rows(flat)
+    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    shifted = torch.empty(min(rows, flat.shape[0]), flat.shape[-1], dtype=torch.float32, device=flat.device)
     weights = torch.empty_like(shifted)
-    for start in range(0, logits.shape[0], rows):
-        chunk = logits[start : start + rows]
+    for start in range(0, flat.shape[0], rows):
+        chunk = flat[start : start + rows]
         n = chunk.shape[0]
         b, e = shifted[:n], weights[:n]
         row_max = chunk.amax(dim=-1, keepdim=True)
-        if chunk.dtype == torch.float32:
+        if chunk.dtype.itemsize >= 4:
             torch.sub(chunk, row_max, out=b)
-        else:  # upcast first so the shift is done in float32
+        else:  # 16-bit: upcast first so the shift is done in float32
             b.copy_(chunk).sub_(row_max.float())
-        b.mul_(_LOG2_E)
+        # 2 ** -200 is 0 in float32, and the clamp keeps masked logits' 0 * -inf from turning into NaN
+        b.mul_(_LOG2_E).clamp_(min=-200.0)
         torch.exp2(b, out=e)
         total = e.sum(dim=-1)
         weighted = e.mul_(b).sum(dim=-1)
         torch.sub(total.log2(), weighted.div_(total), out=entropy[start : start + n]).mul_(_LN_2)
-    return entropy
+    return entropy.view(logits.shape[:-1])

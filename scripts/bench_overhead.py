@@ -385,17 +385,19 @@ MALLOC_ENV = {
 }
 
 
-def run_subprocess(worker_args: list[str], cfg: dict, malloc: str) -> dict:
+def run_subprocess(worker_args: list[str], cfg: dict, malloc: str, live_stderr: bool = False) -> dict:
     """Run this script as a fresh worker process with the given glibc setting; return its JSON result.
-    Inherited MALLOC_* variables are dropped so each process runs with exactly the setting named."""
+    Inherited MALLOC_* and GLIBC_TUNABLES are dropped so each process runs with exactly the setting named.
+    ``live_stderr`` passes the worker's progress (and warnings) straight to this terminal."""
     cmd = [sys.executable, os.path.abspath(__file__), *worker_args, "--worker-config", json.dumps(cfg)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     if cfg["device"] == "cpu":
         env.update(MALLOC_ENV[malloc])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if live_stderr else subprocess.PIPE, text=True,
+                          env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(WORKER_TAG)]
     if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        sys.stderr.write(proc.stdout[-4000:] + "\n" + (proc.stderr or "")[-8000:])
         raise RuntimeError(f"worker {' '.join(worker_args)} failed with exit code {proc.returncode}")
     return json.loads(lines[-1][len(WORKER_TAG):])
 
@@ -433,6 +435,7 @@ def timing_main(cfg: dict, variants: list[str]) -> dict:
     raw = {}
     for tokens in cfg["token_list"]:
         raw[tokens] = time_variants(cfg, model, tokens, variants)
+        print(f"  timing process: tokens={tokens} done", file=sys.stderr, flush=True)
     return {"raw": raw, "threads": torch.get_num_threads(), "loadavg_before_after": [load_before, os.getloadavg()],
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
 
@@ -566,7 +569,7 @@ def contention_note(cfg: dict, entries: list[dict], threads: int) -> tuple[float
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"small CPU config, ~2 min on 2 idle cores: {QUICK}")
+    p.add_argument("--quick", action="store_true", help=f"small CPU config, ~1.5-2 min on 2 idle cores: {QUICK}")
     p.add_argument("--preset", choices=sorted(PRESETS), help="model/token shapes of a real model (random weights)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--hidden-size", dest="hidden_size", type=int)
@@ -647,7 +650,8 @@ def main(argv=None) -> int:
                 print(f"  memory process {name:<13} tokens={tokens}: peak {mib(result['peak'])} MiB "
                       f"(base {mib(result['base'])} MiB)", flush=True)
 
-    timing = run_subprocess(["--worker", "timing", "--variants", ",".join(variants)], cfg, cfg["time_malloc"])
+    timing = run_subprocess(["--worker", "timing", "--variants", ",".join(variants)], cfg, cfg["time_malloc"],
+                            live_stderr=True)
     entries = []
     for tokens in cfg["token_list"]:
         raw = timing["raw"][str(tokens)]

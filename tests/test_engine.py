@@ -60,6 +60,19 @@ def test_detached_entropy_matches_verl_entropy_without_graph(engine_overrides):
     assert graph["inplace_backward"] is False and seam["inplace_backward"] is True
 
 
+def test_detached_entropy_at_sampling_temperature_matches_verl():
+    """verl scales the logits by the rollout temperature before entropy and log-probs; so does the seam's pass."""
+    model, td = tiny_qwen2(), update_batch(seed=4)
+    graph = capture_outputs(cpu_lm_engine(model), td, calculate_entropy=True, temperature=0.7)
+    plain = capture_outputs(cpu_lm_engine(model), td, calculate_entropy=True)
+    engine = cpu_lm_engine(model)
+    enable_detached_entropy(engine)
+    seam = capture_outputs(engine, td, temperature=0.7, **{DETACHED_ENTROPY_KEY: True})
+    torch.testing.assert_close(seam["entropy"].values(), graph["entropy"].values().detach())
+    torch.testing.assert_close(seam["log_probs"].values(), graph["log_probs"].values().detach())
+    assert not torch.allclose(seam["entropy"].values(), plain["entropy"].values().detach())  # 0.7 did apply
+
+
 def test_seam_is_inert_unless_flagged():
     model, td = tiny_qwen2(), update_batch(seed=2)
     engine = cpu_lm_engine(model)

@@ -32,11 +32,29 @@ def test_extreme_rows_uniform_peaked_and_offset():
     assert got[1].item() == 0.0
 
 
-def test_bfloat16_logits_are_upcast_before_the_shift():
-    logits = (torch.randn(9, 4096, generator=torch.Generator().manual_seed(2)) * 8).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes_match_the_reference(dtype):
+    logits = (torch.randn(9, 4096, generator=torch.Generator().manual_seed(2)) * 8).to(dtype)
     got = entropy_from_logits_no_grad(logits, rows=4)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), reference_entropy(logits.float()), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.double(), reference_entropy(logits.double()), rtol=0, atol=1e-5)
+
+
+def test_masked_logits_count_as_probability_zero():
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(3))
+    masked = logits.clone()
+    masked[:, 100:] = torch.finfo(torch.float32).min
+    masked[1, 150] = -float("inf")
+    torch.testing.assert_close(entropy_from_logits_no_grad(masked), entropy_from_logits_no_grad(logits[:, :100]))
+
+
+def test_leading_dimensions_are_kept_and_bad_rows_refused():
+    logits = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(4))
+    got = entropy_from_logits_no_grad(logits, rows=4)
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got.double(), reference_entropy(logits), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        entropy_from_logits_no_grad(logits, rows=0)
 
 
 def test_builds_no_graph_and_leaves_logits_untouched():
