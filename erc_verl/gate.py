@@ -64,21 +64,15 @@ def erc_keep_mask(
     keep = (rho > bounds.low) & (rho < bounds.high) & valid
 
     n_valid = valid.sum().clamp_min(1).float()
+    names = ["actor/erc_clipfrac", "actor/erc_clipfrac_upper", "actor/erc_clipfrac_lower"]
+    values = [(~keep & valid).sum() / n_valid, (above & valid).sum() / n_valid, (below & valid).sum() / n_valid]
     rho_valid = rho[valid]
-    metrics = {
-        "actor/erc_clipfrac": ((~keep & valid).sum() / n_valid).item(),
-        "actor/erc_clipfrac_upper": ((above & valid).sum() / n_valid).item(),
-        "actor/erc_clipfrac_lower": ((below & valid).sum() / n_valid).item(),
-    }
     if rho_valid.numel() > 0:
-        metrics.update(
-            {
-                "actor/entropy_ratio_mean": rho_valid.mean().item(),
-                "actor/entropy_ratio_std": rho_valid.std(unbiased=False).item(),
-                "actor/entropy_ratio_min": rho_valid.min().item(),
-                "actor/entropy_ratio_max": rho_valid.max().item(),
-            }
-        )
+        names += ["actor/entropy_ratio_mean", "actor/entropy_ratio_std", "actor/entropy_ratio_min",
+                  "actor/entropy_ratio_max"]
+        values += [rho_valid.mean(), rho_valid.std(unbiased=False), rho_valid.min(), rho_valid.max()]
+    # one device-to-host copy for all metrics, not one sync per .item()
+    metrics = dict(zip(names, torch.stack(values).tolist()))
     return keep, metrics
 
 
