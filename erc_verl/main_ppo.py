@@ -17,21 +17,19 @@ from verl.utils.device import auto_set_device
 
 from erc_verl.config import validate_erc_config
 from erc_verl.configs import CONFIG_DIR
-from erc_verl.trainer import ERCRayPPOTrainer, erc_enabled, erc_v1_trainer_cls
+from erc_verl.trainer import ERCRayPPOTrainer, erc_enabled, erc_trainer_registered
 
 
 @ray.remote
 class ERCTaskRunnerV1(TaskRunnerV1.__ray_actor_class__):
-    """verl's V1 task runner; with an ERC loss it runs ``erc_<trainer_mode>``, the ERC variant of the trainer."""
+    """verl's V1 task runner; with an ERC loss it builds the ERC variant of the trainer for the same
+    ``trainer_mode`` (the mode string stays the user's: verl's trainer branches on it)."""
 
     def run(self, config):
-        if erc_enabled(config):
-            from verl.trainer.ppo.v1.trainer_base import register_trainer
-
-            mode = config.trainer.v1.trainer_mode
-            register_trainer(f"erc_{mode}")(erc_v1_trainer_cls(mode))
-            config.trainer.v1.trainer_mode = f"erc_{mode}"
-        return super().run(config)
+        if not erc_enabled(config):
+            return super().run(config)
+        with erc_trainer_registered(config.trainer.v1.trainer_mode):
+            return super().run(config)
 
 
 def _erc_task_runner_v0():

@@ -10,6 +10,8 @@ No extra forward pass: the old entropy comes from the pass that produces ``old_l
 
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
 from functools import lru_cache
 
 import ray
@@ -69,7 +71,40 @@ def erc_v1_trainer_cls(trainer_mode: str) -> type:
     from verl.trainer.ppo.v1 import get_trainer_cls
 
     base = get_trainer_cls(trainer_mode)
-    return type(f"ERC{base.__name__}", (ERCTrainerV1Mixin, base), {"__doc__": f"{base.__name__} with ERC plumbing."})
+    if issubclass(base, ERCTrainerV1Mixin):  # looked up while erc_trainer_registered is active
+        return base
+    return type(f"ERC{base.__name__}", (ERCTrainerV1Mixin, base),
+                {"__doc__": f"{base.__name__} with ERC plumbing.", "__module__": __name__})
+
+
+# What verl 0.9's TaskRunnerV1.run does to pick the trainer; erc_trainer_registered relies on it.
+_RUNNER_LOOKUP = "get_trainer_cls(config.trainer.v1.trainer_mode)"
+
+
+@contextmanager
+def erc_trainer_registered(trainer_mode: str):
+    """Inside the block, verl's trainer registry answers ``trainer_mode`` with the ERC trainer.
+
+    verl's ``TaskRunnerV1.run`` builds ``get_trainer_cls(config.trainer.v1.trainer_mode)``, and the trainer
+    branches on that same string (replay buffer, resume, ``trainer.v1[<mode>]``), so the ERC trainer must be
+    found under the user's name, not a new one. Meant for the dedicated task-runner actor process, around
+    ``run``; verl's class is put back on exit.
+    """
+    from verl.trainer.main_ppo import TaskRunnerV1
+    from verl.trainer.ppo.v1 import trainer_base
+
+    if _RUNNER_LOOKUP not in inspect.getsource(TaskRunnerV1.__ray_actor_class__.run):
+        raise RuntimeError(
+            f"verl's TaskRunnerV1.run no longer picks its trainer with {_RUNNER_LOOKUP}; "
+            "erc_verl.trainer.erc_trainer_registered must be updated for this verl version."
+        )
+    erc_cls = erc_v1_trainer_cls(trainer_mode)
+    verl_cls = trainer_base.TRAINER_REGISTRY[trainer_mode]
+    trainer_base.TRAINER_REGISTRY[trainer_mode] = erc_cls
+    try:
+        yield erc_cls
+    finally:
+        trainer_base.TRAINER_REGISTRY[trainer_mode] = verl_cls
 
 
 class ERCRayPPOTrainer(RayPPOTrainer):

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from erc_verl.main_ppo import ERCTaskRunnerV1, _erc_task_runner_v0
+from erc_verl.main_ppo import ERCTaskRunnerV1
 
 
 def cli(module, *args):
@@ -41,9 +41,76 @@ def test_bad_bounds_fail_on_the_driver_before_ray():
     assert "ray init kwargs" not in out.stdout + out.stderr
 
 
-def test_task_runners_wrap_verl_runners():
-    from verl.trainer import main_ppo_v0
+V1_MODES = ["sync", "colocate_async", "separate_async"]  # the trainers verl 0.9.1 registers
+
+
+class _Built(Exception):
+    """Raised from PPOTrainer.init to stop TaskRunnerV1.run once the trainer object exists."""
+
+
+def _trainer_built_by(runner_cls, mode, monkeypatch):
+    """Run a V1 task runner's real ``run`` in this process up to the trainer's construction.
+
+    Mocked, because they cannot run here: TransferQueue's init/close (they start Ray actors and storage
+    units) and ``PPOTrainer.init`` (it builds GPU worker groups); it raises with the trainer built.
+    """
+    import transfer_queue
+    from hydra import compose, initialize_config_dir
+
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    from erc_verl.configs import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        config = compose(config_name="erc_ppo_trainer", overrides=[
+            "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc", f"trainer.v1.trainer_mode={mode}",
+            # what separate_async asserts in its __init__
+            "data.train_batch_size=16", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+            "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=1",
+            "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl",
+        ])
+
+    def stop(self):
+        raise _Built(self)
+
+    monkeypatch.setattr(transfer_queue, "init", lambda *a, **k: None)
+    monkeypatch.setattr(transfer_queue, "close", lambda *a, **k: None)
+    monkeypatch.setattr(PPOTrainer, "init", stop)
+    with pytest.raises(_Built) as built:
+        runner_cls.__ray_actor_class__().run(config)
+    return built.value.args[0]
+
+
+@pytest.mark.parametrize("mode", V1_MODES)
+def test_erc_v1_runner_builds_the_erc_trainer_under_the_users_trainer_mode(mode, monkeypatch):
+    """verl's trainer branches on the trainer_mode string (replay buffer, resume, trainer.v1[<mode>]): the
+    ERC run must see the same string, and so the same choices, as the baseline run."""
+    from verl.trainer.main_ppo import TaskRunnerV1
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    from erc_verl.trainer import ERCTrainerV1Mixin
+
+    verl_cls = get_trainer_cls(mode)
+    stock = _trainer_built_by(TaskRunnerV1, mode, monkeypatch)
+    erc = _trainer_built_by(ERCTaskRunnerV1, mode, monkeypatch)
+    assert type(stock) is verl_cls
+    assert isinstance(erc, ERCTrainerV1Mixin) and isinstance(erc, verl_cls)
+    assert erc.trainer_mode == stock.trainer_mode == mode
+    assert erc.config.trainer.v1.trainer_mode == mode
+    assert type(erc.replay_buffer) is type(stock.replay_buffer)
+    assert erc.parameter_sync_step == stock.parameter_sync_step
+    assert get_trainer_cls(mode) is verl_cls  # nothing left behind in verl's registry
+
+
+def test_registry_override_refuses_a_verl_runner_that_picks_its_trainer_differently(monkeypatch):
     from verl.trainer.main_ppo import TaskRunnerV1
 
-    assert issubclass(ERCTaskRunnerV1.__ray_actor_class__, TaskRunnerV1.__ray_actor_class__)
-    assert issubclass(_erc_task_runner_v0().__ray_actor_class__, main_ppo_v0.TaskRunner.__ray_actor_class__)
+    from erc_verl.trainer import erc_trainer_registered
+
+    def run(self, config):  # a future verl that no longer looks the trainer up by trainer_mode
+        return config
+
+    monkeypatch.setattr(TaskRunnerV1.__ray_actor_class__, "run", run)
+    with pytest.raises(RuntimeError, match="no longer picks its trainer"):
+        with erc_trainer_registered("sync"):
+            pass
