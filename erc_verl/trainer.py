@@ -1,7 +1,8 @@
 """Trainer-side ERC plumbing for verl 0.9: the V1 trainers (default) and the legacy V0 ``RayPPOTrainer``.
 
 Three small overrides, active only when the actor's loss is an ERC loss:
-- actor workers are ``ERCActorRolloutRefWorker`` (ERC actor loss + graph-free current entropy);
+- actor workers are verl's chosen class with ``ERCActorWorkerMixin`` in front (ERC actor loss +
+  graph-free current entropy);
 - the old-policy entropy verl already computes in ``_compute_old_log_prob`` is kept as ``old_entropy``
   for the update (V1 writes it back to TransferQueue as ``entropy``; V0 drops it after logging);
 - update batches carry the flag asking the worker for the current entropy.
@@ -24,7 +25,7 @@ from verl.trainer.ppo.utils import Role
 from erc_verl.actor_loss import OLD_ENTROPY_KEY
 from erc_verl.engine import DETACHED_ENTROPY_KEY
 from erc_verl.losses import is_erc_loss_mode
-from erc_verl.workers import ERCActorRolloutRefWorker
+from erc_verl.workers import erc_actor_worker_cls
 
 _ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
 
@@ -34,10 +35,14 @@ def erc_enabled(config: DictConfig) -> bool:
 
 
 def use_erc_actor_workers(role_worker_mapping: dict) -> None:
-    """Swap verl's actor worker class for ours; the ref-only worker stays verl's."""
+    """Put the ERC mixin in front of the actor worker class verl chose; the ref-only worker stays verl's.
+
+    The mapping holds ``ray.remote(cls)`` (verl builds it so, and unwraps with ``__ray_actor_class__``).
+    """
     for role in _ACTOR_ROLES:
         if role in role_worker_mapping:
-            role_worker_mapping[role] = ray.remote(ERCActorRolloutRefWorker)
+            verl_cls = getattr(role_worker_mapping[role], "__ray_actor_class__", role_worker_mapping[role])
+            role_worker_mapping[role] = ray.remote(erc_actor_worker_cls(verl_cls))
 
 
 class ERCTrainerV1Mixin:

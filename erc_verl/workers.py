@@ -1,10 +1,16 @@
-"""verl's actor worker, with the ERC actor loss and the detached-entropy engine seam when ERC is selected."""
+"""ERC on top of whichever actor worker verl picked, with the ERC actor loss and the detached-entropy engine seam
+when ERC is selected.
+
+verl chooses the actor worker class per trainer (``ActorRolloutRefWorker``; ``DetachActorWorker`` in
+``separate_async``, which adds CPU save/restore for decoupled PPO). ERC only changes ``init_model``, so it is a
+mixin put in front of verl's class, not a replacement for it.
+"""
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 
-from verl.single_controller.base.decorator import Dispatch, register
+from verl.single_controller.base.decorator import MAGIC_ATTR, Dispatch, register
 from verl.workers.engine_workers import ActorRolloutRefWorker
 from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
 
@@ -13,8 +19,8 @@ from erc_verl.engine import enable_detached_entropy
 from erc_verl.losses import is_erc_loss_mode
 
 
-class ERCActorRolloutRefWorker(ActorRolloutRefWorker):
-    """Identical to verl's worker unless the actor's ``policy_loss.loss_mode`` is an ERC loss."""
+class ERCActorWorkerMixin:
+    """Identical to the verl worker it is mixed into unless the actor's ``policy_loss.loss_mode`` is an ERC loss."""
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
@@ -32,3 +38,24 @@ class ERCActorRolloutRefWorker(ActorRolloutRefWorker):
         self.loss_fn = partial(ppo_loss_with_entropy, config=stock_loss.keywords["config"])
         self.actor.set_loss_fn(self.loss_fn)
         enable_detached_entropy(self.actor.engine)
+
+
+@lru_cache(maxsize=None)
+def erc_actor_worker_cls(verl_cls: type) -> type:
+    """``verl_cls`` (a plain class, not a Ray remote) with the ERC ``init_model`` in front."""
+    if issubclass(verl_cls, ERCActorWorkerMixin):
+        return verl_cls
+    if not issubclass(verl_cls, ActorRolloutRefWorker):
+        raise TypeError(f"ERC wraps verl's ActorRolloutRefWorker and its subclasses, got {verl_cls.__name__}.")
+    # verl's worker group dispatches init_model by its @register attributes: ours must be verl's.
+    ours, verls = (getattr(c.init_model, MAGIC_ATTR, None) for c in (ERCActorWorkerMixin, verl_cls))
+    if ours != verls:
+        raise RuntimeError(
+            f"ERC: {verl_cls.__name__}.init_model is registered with {verls}, erc_verl/workers.py with {ours}; "
+            "update ERCActorWorkerMixin for this verl version."
+        )
+    return type(f"ERC{verl_cls.__name__}", (ERCActorWorkerMixin, verl_cls),
+                {"__doc__": f"{verl_cls.__name__} with ERC's init_model.", "__module__": __name__})
+
+
+ERCActorRolloutRefWorker = erc_actor_worker_cls(ActorRolloutRefWorker)

@@ -25,13 +25,14 @@ from erc_verl.testing import cpu_lm_engine, engine_on_cpu, padded_update_batch, 
 from erc_verl.trainer import ERCRayPPOTrainer, ERCTrainerV1Mixin, erc_v1_trainer_cls
 
 
-def erc_config(loss_mode="grpo_erc"):
+def erc_config(loss_mode="grpo_erc", *overrides):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose(config_name="erc_ppo_trainer", overrides=[
             f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
             "actor_rollout_ref.actor.ppo_mini_batch_size=4",
             "actor_rollout_ref.rollout.n=1",
+            *overrides,
         ])
 
 
@@ -172,3 +173,86 @@ def test_v1_old_entropy_is_copied_in_transfer_queue_and_fetched_for_the_update()
     (update_td, update_metrics), = wg.updates
     assert tu.get(update_td, DETACHED_ENTROPY_KEY) is True
     assert update_metrics["actor/erc_clipfrac"].aggregate() == 0.0
+
+
+def _worker_mappings(mode, hybrid_engine, loss_mode="grpo_erc"):
+    """role -> worker class, from the real ``_init_resource_pool_mgr`` of verl's trainer and of ours (it only
+    fills dicts: no Ray cluster or GPU needed)."""
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    config = erc_config(loss_mode, f"trainer.v1.trainer_mode={mode}", "actor_rollout_ref.actor.use_kl_loss=True",
+                        f"actor_rollout_ref.hybrid_engine={hybrid_engine}")
+    mappings = []
+    for cls in (get_trainer_cls(mode), erc_v1_trainer_cls(mode)):
+        trainer = cls.__new__(cls)
+        trainer.config = config
+        trainer._enable_hybrid_replicas = hybrid_engine  # what PPOTrainerSeparateAsync.__init__ reads from config
+        trainer._init_resource_pool_mgr()
+        mappings.append(trainer.role_worker_mapping)
+    return config, *mappings
+
+
+def _init_model_with_verl_init_stubbed(worker_cls, config, monkeypatch):
+    """Run the worker's init_model with verl's ActorRolloutRefWorker.init_model replaced by a CPU stand-in:
+    verl's builds FSDP on a GPU, a rollout device mesh and an NCCL checkpoint engine. The stand-in sets what
+    verl's sets for the actor: ``loss_fn = partial(ppo_loss, config=...)`` and a real TrainingWorker around
+    verl's engine class (driven on CPU), with the loss installed by TrainingWorker.set_loss_fn."""
+    from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+    from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
+
+    def verl_init_model(self):
+        self.loss_fn = partial(verl_ppo_loss, config=omega_conf_to_dataclass(self.config.actor))
+        self.actor = TrainingWorker.__new__(TrainingWorker)
+        self.actor.engine = cpu_lm_engine(tiny_qwen2())
+        self.actor.set_loss_fn(self.loss_fn)
+
+    monkeypatch.setattr(ActorRolloutRefWorker, "init_model", verl_init_model)
+    worker = worker_cls.__new__(worker_cls)  # Worker.__init__ needs a torch.distributed environment
+    worker.config, worker.role = config.actor_rollout_ref, "actor_rollout"
+    worker._is_actor, worker.distillation_enabled = True, False
+    worker.init_model()
+    return worker
+
+
+@pytest.mark.parametrize("mode,hybrid_engine", [
+    ("sync", True), ("colocate_async", True), ("separate_async", True), ("separate_async", False),
+])
+def test_erc_actor_worker_is_the_worker_verl_chose_plus_erc(mode, hybrid_engine, monkeypatch):
+    from verl.single_controller.base.decorator import MAGIC_ATTR
+
+    from erc_verl.actor_loss import ppo_loss_with_entropy
+
+    config, stock, ours = _worker_mappings(mode, hybrid_engine)
+    assert stock.keys() == ours.keys()
+    actor_roles = [role for role in stock if role.name in ("Actor", "ActorRollout", "ActorRolloutRef")]
+    assert len(actor_roles) == 1
+    for role, verl_remote in stock.items():
+        verl_worker, erc_worker = verl_remote.__ray_actor_class__, ours[role].__ray_actor_class__
+        if role not in actor_roles:
+            assert erc_worker is verl_worker  # ref-only and critic workers stay verl's
+            continue
+        assert issubclass(erc_worker, verl_worker), (erc_worker.__mro__, verl_worker)
+        public = {name for name in dir(verl_worker) if not name.startswith("_")}
+        assert not public - set(dir(erc_worker)), public - set(dir(erc_worker))
+        # verl's worker group binds every @register method, with the dispatch attributes found on it
+        for name in public:
+            attrs = getattr(getattr(verl_worker, name), MAGIC_ATTR, None)
+            assert getattr(getattr(erc_worker, name), MAGIC_ATTR, None) == attrs, name
+
+        worker = _init_model_with_verl_init_stubbed(erc_worker, config, monkeypatch)
+        assert worker.loss_fn.func is ppo_loss_with_entropy and worker.actor.loss_fn is worker.loss_fn
+        assert "prepare_model_outputs" in vars(worker.actor.engine)  # the detached-entropy seam is installed
+
+
+def test_erc_actor_worker_leaves_non_erc_losses_to_verl(monkeypatch):
+    from verl.trainer.ppo.utils import Role
+    from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
+
+    from erc_verl.trainer import use_erc_actor_workers
+
+    config, _, mapping = _worker_mappings("separate_async", True, loss_mode="vanilla")
+    use_erc_actor_workers(mapping)  # the trainers call it only for ERC losses; the worker checks again
+    remote = mapping[Role.ActorRolloutRef]
+    worker = _init_model_with_verl_init_stubbed(remote.__ray_actor_class__, config, monkeypatch)
+    assert worker.loss_fn.func is verl_ppo_loss and worker.actor.loss_fn is worker.loss_fn
+    assert "prepare_model_outputs" not in vars(worker.actor.engine)
