@@ -21,12 +21,13 @@ from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
 from erc_verl.diagnostics import TokenDiagnostics, maybe_diagnostics
-from erc_verl.gate import erc_keep_mask
+from erc_verl.gate import ERC_EXTREME_METRICS, ERC_TOKEN_MEAN_METRICS, erc_keep_mask
 from erc_verl.losses import erc_bounds_from_config, is_erc_loss_mode
 
 OLD_ENTROPY_KEY = "old_entropy"
 
-_AGGREGATION_BY_SUFFIX = {"_min": AggregationType.MIN, "_max": AggregationType.MAX}
+# The gate's extremes; every other policy metric aggregates as verl's ppo_loss does it (MEAN).
+_EXTREME_AGGREGATION = dict(zip(ERC_EXTREME_METRICS, (AggregationType.MIN, AggregationType.MAX)))
 _diagnostics_writers: dict[tuple, Optional[TokenDiagnostics]] = {}
 
 
@@ -42,12 +43,20 @@ def _diagnostics(config: Any) -> Optional[TokenDiagnostics]:
     return _diagnostics_writers[key]
 
 
-def _policy_metrics(metrics: dict[str, Any]) -> dict[str, Metric]:
-    """Per-micro-batch policy metrics; extremes aggregate as extremes, the rest as means (as verl does)."""
+def _policy_metrics(metrics: dict[str, Any], token_share: Optional[float] = None) -> dict[str, Metric]:
+    """Per-micro-batch policy metrics; the gate's extremes aggregate as extremes, the rest as means (as verl does).
+
+    ``token_share`` (this micro-batch's response tokens * dp_size / the mini-batch's tokens over all ranks)
+    makes the gate's token averages token-weighted: under verl's SUM aggregation (mean over ranks, sum over
+    micro-batches) they add up to the average over the mini-batch's response tokens, and a micro-batch of
+    padding adds 0 instead of pulling the mean towards 0.
+    """
     out = {}
     for key, value in metrics.items():
-        aggregation = next((a for s, a in _AGGREGATION_BY_SUFFIX.items() if key.endswith(s)), AggregationType.MEAN)
-        out[key] = Metric(value=value, aggregation=aggregation)
+        if token_share is not None and key in ERC_TOKEN_MEAN_METRICS:
+            out[key] = Metric(value=value * token_share, aggregation=AggregationType.SUM)
+        else:
+            out[key] = Metric(value=value, aggregation=_EXTREME_AGGREGATION.get(key, AggregationType.MEAN))
     return out
 
 
@@ -109,7 +118,11 @@ def ppo_loss_with_entropy(config: Any, model_output: dict, data: TensorDict, dp_
                            old_entropy=padded[OLD_ENTROPY_KEY], advantages=padded["advantages"],
                            response_mask=response_mask, keep=keep, config=config)
 
-    metrics: dict[str, Any] = _policy_metrics(pg_metrics)
+    # verl 0.9's engines always set batch_num_tokens (all-reduced over dp); without it, plain means
+    token_share = None
+    if data["batch_num_tokens"]:
+        token_share = float(response_mask.sum()) * data["dp_size"] / data["batch_num_tokens"]
+    metrics: dict[str, Any] = _policy_metrics(pg_metrics, token_share)
     metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=metric_aggregation)
     policy_loss = pg_loss
 

@@ -14,11 +14,16 @@ and it lets the same gate sit in front of any registered verl loss (GSPO, CISPO,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 ENTROPY_EPS = 1e-8
+# erc_keep_mask's metrics: averages over the micro-batch's response tokens, then its extremes.
+ERC_TOKEN_MEAN_METRICS = ("actor/erc_clipfrac", "actor/erc_clipfrac_upper", "actor/erc_clipfrac_lower",
+                          "actor/entropy_ratio_mean", "actor/entropy_ratio_std")
+ERC_EXTREME_METRICS = ("actor/entropy_ratio_min", "actor/entropy_ratio_max")
 
 
 @dataclass(frozen=True)
@@ -63,16 +68,21 @@ def erc_keep_mask(
     below = rho <= bounds.low
     keep = (rho > bounds.low) & (rho < bounds.high) & valid
 
+    # Every key, even for a micro-batch without response tokens (verl pads with such samples): verl's
+    # Metric.aggregate_dp needs the same number of values from every rank. The token means of an empty
+    # micro-batch are 0 (the actor loss weights them by token count: ERC_TOKEN_MEAN_METRICS), its min and
+    # max are the empty set's +inf / -inf, which min / max over the other micro-batches ignore.
     n_valid = valid.sum().clamp_min(1).float()
-    names = ["actor/erc_clipfrac", "actor/erc_clipfrac_upper", "actor/erc_clipfrac_lower"]
-    values = [(~keep & valid).sum() / n_valid, (above & valid).sum() / n_valid, (below & valid).sum() / n_valid]
-    rho_valid = rho[valid]
-    if rho_valid.numel() > 0:
-        names += ["actor/entropy_ratio_mean", "actor/entropy_ratio_std", "actor/entropy_ratio_min",
-                  "actor/entropy_ratio_max"]
-        values += [rho_valid.mean(), rho_valid.std(unbiased=False), rho_valid.min(), rho_valid.max()]
+    mean = torch.where(valid, rho, 0.0).sum() / n_valid
+    std = (torch.where(valid, rho - mean, 0.0).square().sum() / n_valid).sqrt()
+    if rho.numel():
+        lowest, highest = torch.where(valid, rho, math.inf).amin(), torch.where(valid, rho, -math.inf).amax()
+    else:
+        lowest, highest = rho.new_tensor(math.inf), rho.new_tensor(-math.inf)
+    values = [(~keep & valid).sum() / n_valid, (above & valid).sum() / n_valid, (below & valid).sum() / n_valid,
+              mean, std, lowest, highest]
     # one device-to-host copy for all metrics, not one sync per .item()
-    metrics = dict(zip(names, torch.stack(values).tolist()))
+    metrics = dict(zip(ERC_TOKEN_MEAN_METRICS + ERC_EXTREME_METRICS, torch.stack(values).tolist()))
     return keep, metrics
 
 

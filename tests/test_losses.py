@@ -200,6 +200,10 @@ def test_edge_cases_are_finite(case):
     for name in ("grpo_erc", "gppo_erc"):
         loss, grad, metrics = run_loss(name, batch, cfg, "token-mean")
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        if case == "empty_response":  # min / max of no tokens: the identities of verl's MIN / MAX aggregation
+            assert metrics.pop("actor/entropy_ratio_min") == math.inf
+            assert metrics.pop("actor/entropy_ratio_max") == -math.inf
+            assert metrics["actor/entropy_ratio_mean"] == metrics["actor/erc_clipfrac"] == 0.0
         assert all(math.isfinite(v) for v in metrics.values())
         if case == "zero_entropy":  # 0/0 -> ratio 1: inside the band, nothing dropped
             assert metrics["actor/erc_clipfrac"] == 0.0
