@@ -6,6 +6,9 @@ arguments and no entropies. For ERC losses this function does the same work with
 ERC trainer adds to the batch from verl's own ``compute_log_prob`` pass). Every other loss mode is
 delegated to verl's ``ppo_loss`` untouched. ``tests/test_actor_loss.py`` checks that the ERC path with
 bounds (0, inf) reproduces verl's ``ppo_loss`` exactly, so a change in verl's loss shows up as a failure.
+
+``positive_nll_coeff > 0`` (default 0, the paper as written) adds the reference fork's undocumented extra
+loss (its ``postive_loss_coeff``) to any loss mode, ERC or not: see ``positive_nll_loss``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from erc_verl.diagnostics import TokenDiagnostics, maybe_diagnostics
 from erc_verl.gate import ERC_EXTREME_METRICS, ERC_TOKEN_MEAN_METRICS, erc_keep_mask
-from erc_verl.losses import erc_bounds_from_config, is_erc_loss_mode
+from erc_verl.losses import config_value, erc_bounds_from_config, is_erc_loss_mode
 
 OLD_ENTROPY_KEY = "old_entropy"
+# The reward function's score at each response token (its last token carries the score, pre-KL): written
+# by verl 0.9.1's agent/reward loop and present in the update batch of both trainers (V1: TransferQueue
+# field, nested; V0: DataProto batch, padded). It is the fork's ``token_level_rewards`` when KL-in-reward is off.
+SCORE_KEY = "rm_scores"
 
 # The gate's extremes; every other policy metric aggregates as verl's ppo_loss does it (MEAN).
 _EXTREME_AGGREGATION = dict(zip(ERC_EXTREME_METRICS, (AggregationType.MIN, AggregationType.MAX)))
@@ -60,11 +67,71 @@ def _policy_metrics(metrics: dict[str, Any], token_share: Optional[float] = None
     return out
 
 
+def positive_nll_coeff(config: Any) -> float:
+    return float(config_value(config, "positive_nll_coeff", 0.0))
+
+
+def needs_plugin_actor_loss(actor_config: Any) -> bool:
+    """Whether the actor must run ``ppo_loss_with_entropy``: an ERC loss, or the opt-in positive-NLL term."""
+    loss_mode = config_value(actor_config, "policy_loss", {}).get("loss_mode", "vanilla")
+    return is_erc_loss_mode(loss_mode) or positive_nll_coeff(actor_config) > 0
+
+
+def _metric_aggregation(config: Any, data: TensorDict) -> AggregationType:
+    """SUM when the loss is normalised by global batch info (verl's rule in ``ppo_loss``), else MEAN."""
+    global_normalisation = (
+        data["dp_size"] > 1
+        or data["batch_num_tokens"] is not None
+        or data["global_batch_size"] is not None
+        or config.loss_scale_factor is not None
+    )
+    return AggregationType.SUM if global_normalisation else AggregationType.MEAN
+
+
+def positive_nll_loss(log_prob: torch.Tensor, scores: torch.Tensor, response_mask: torch.Tensor, config: Any,
+                      data: TensorDict) -> torch.Tensor:
+    """The reference fork's extra term (``postive_loss_coeff``; not in the paper), aggregated as the fork did.
+
+    Negative log-likelihood of the response tokens of the responses whose score sums to exactly 1, aggregated
+    with verl's ``agg_loss`` (``loss_agg_mode``) over those tokens of this micro-batch only, then weighted
+    by the micro-batch's share of the mini-batch's responses (the fork's ``loss_scale_factor``; here
+    ``micro_bsz * dp_size / global_batch_size``, since verl 0.9.1 sums micro-batch losses and averages
+    gradients over data-parallel ranks). Zero in a micro-batch without such responses.
+    """
+    positive = scores.sum(dim=-1) == 1.0
+    mask = response_mask & positive[:, None]
+    if not bool(mask.any()):  # as the fork: no positive response, no term (and no 0/0)
+        return log_prob.sum() * 0.0
+    nll = agg_loss(loss_mat=-log_prob, loss_mask=mask, loss_agg_mode=config.loss_agg_mode)
+    if data["global_batch_size"] is None:
+        return nll
+    return nll * (log_prob.shape[0] * data["dp_size"] / data["global_batch_size"])
+
+
+def _add_positive_nll(policy_loss, metrics: dict, config: Any, model_output: dict, data: TensorDict):
+    """``policy_loss + positive_nll_coeff * positive_nll_loss``; unchanged (same objects) when the coefficient is 0."""
+    coeff = positive_nll_coeff(config)
+    if coeff == 0:
+        return policy_loss, metrics
+    if SCORE_KEY not in data.keys():
+        raise RuntimeError(
+            f"positive_nll_coeff={coeff} needs each response's reward score (field {SCORE_KEY!r}) in the update "
+            "batch; verl 0.9.1's reward loop writes it. Set actor_rollout_ref.actor.positive_nll_coeff=0 to run without."
+        )
+    padded = data.select("response_mask", SCORE_KEY).to_padded_tensor()
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    term = positive_nll_loss(log_prob, padded[SCORE_KEY], padded["response_mask"].to(bool), config, data)
+    metrics["actor/positive_nll_loss"] = Metric(value=term.detach(), aggregation=_metric_aggregation(config, data))
+    return policy_loss + coeff * term, metrics
+
+
 def ppo_loss_with_entropy(config: Any, model_output: dict, data: TensorDict, dp_group=None):
-    """verl's actor PPO loss, passing ``entropy`` and ``old_entropy`` to ERC policy losses."""
+    """verl's actor PPO loss, passing ``entropy`` and ``old_entropy`` to ERC policy losses, plus the opt-in
+    positive-NLL term (``positive_nll_coeff``) for any loss."""
     loss_mode = config.policy_loss.get("loss_mode", "vanilla")
     if not is_erc_loss_mode(loss_mode):
-        return verl_ppo_loss(config, model_output, data, dp_group)
+        policy_loss, metrics = verl_ppo_loss(config, model_output, data, dp_group)
+        return _add_positive_nll(policy_loss, metrics, config, model_output, data)
 
     if model_output.get("entropy") is None:
         raise RuntimeError(
@@ -86,13 +153,7 @@ def ppo_loss_with_entropy(config: Any, model_output: dict, data: TensorDict, dp_
     config.global_batch_info["batch_num_tokens"] = data["batch_num_tokens"]
     config.global_batch_info["global_batch_size"] = data["global_batch_size"]
     config.global_batch_info["loss_scale_factor"] = config.loss_scale_factor
-    global_normalisation = (
-        data["dp_size"] > 1
-        or data["batch_num_tokens"] is not None
-        or data["global_batch_size"] is not None
-        or config.loss_scale_factor is not None
-    )
-    metric_aggregation = AggregationType.SUM if global_normalisation else AggregationType.MEAN
+    metric_aggregation = _metric_aggregation(config, data)
 
     fields = ["response_mask", "old_log_probs", "advantages", OLD_ENTROPY_KEY]
     fields += [key for key in ("rollout_is_weights", "ref_log_prob") if key in data]
@@ -142,4 +203,4 @@ def ppo_loss_with_entropy(config: Any, model_output: dict, data: TensorDict, dp_
         metrics["kl_loss"] = Metric(value=kl_loss, aggregation=metric_aggregation)
         metrics["kl_coef"] = config.kl_loss_coef
 
-    return policy_loss, metrics
+    return _add_positive_nll(policy_loss, metrics, config, model_output, data)

@@ -51,16 +51,23 @@ class ERCFSDPActorConfig(FSDPActorConfig):
         entropy_mask_high: ... and entropy ratio < this (paper: 1.05).
         erc_base_loss_mode: With ``policy_loss.loss_mode=erc``: the registered verl loss to gate.
         erc_diagnostics: Token sampling for plots; off unless ``erc_diagnostics.dir`` is set.
+        positive_nll_coeff: Weight of the reference fork's extra NLL term on responses scored 1 (its
+            ``postive_loss_coeff``, 0.1 in its scripts; not in the paper). 0 = the paper as written.
     """
 
     entropy_mask_low: float = 0.95
     entropy_mask_high: float = 1.05
     erc_base_loss_mode: Optional[str] = None
     erc_diagnostics: ERCDiagnosticsConfig = field(default_factory=ERCDiagnosticsConfig)
+    positive_nll_coeff: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         ERCBounds(float(self.entropy_mask_low), float(self.entropy_mask_high))
+        if not 0.0 <= float(self.positive_nll_coeff) < float("inf"):
+            raise ValueError(
+                f"actor_rollout_ref.actor.positive_nll_coeff must be finite and >= 0, got {self.positive_nll_coeff}."
+            )
         loss_mode = self.policy_loss.get("loss_mode", "vanilla")
         if is_erc_loss_mode(loss_mode):
             erc_base_loss_mode(loss_mode, self)
@@ -98,6 +105,9 @@ def validate_erc_config(config) -> None:
             "actor_rollout_ref.actor._target_ must be erc_verl.config.ERCFSDPActorConfig (the ERC keys are lost "
             f"otherwise), got {type(actor_config).__name__}. Use `python -m erc_verl.main_ppo`, whose config sets it."
         )
+    distillation = config.get("distillation") or {}
+    if actor_config.positive_nll_coeff > 0 and distillation.get("enabled", False):
+        raise ValueError("actor_rollout_ref.actor.positive_nll_coeff > 0 does not support distillation; set it to 0.")
     if not is_erc_loss_mode(loss_mode):
         return
     rollout_correction = config.algorithm.get("rollout_correction") or {}
@@ -106,6 +116,5 @@ def validate_erc_config(config) -> None:
             f"loss_mode={loss_mode!r} needs the old policy's entropy from compute_log_prob, which "
             "algorithm.rollout_correction.bypass_mode=True skips. Set bypass_mode=False or use a non-ERC loss."
         )
-    distillation = config.get("distillation") or {}
     if distillation.get("enabled", False):
         raise ValueError(f"loss_mode={loss_mode!r} does not support distillation; set distillation.enabled=False.")

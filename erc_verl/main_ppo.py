@@ -17,7 +17,7 @@ from verl.utils.device import auto_set_device
 
 from erc_verl.config import validate_erc_config
 from erc_verl.configs import CONFIG_DIR
-from erc_verl.trainer import ERCRayPPOTrainer, erc_enabled, erc_trainer_registered
+from erc_verl.trainer import ERCRayPPOTrainer, erc_trainer_registered, plugin_actor_loss_enabled
 
 
 @ray.remote
@@ -26,7 +26,7 @@ class ERCTaskRunnerV1(TaskRunnerV1.__ray_actor_class__):
     ``trainer_mode`` (the mode string stays the user's: verl's trainer branches on it)."""
 
     def run(self, config):
-        if not erc_enabled(config):
+        if not plugin_actor_loss_enabled(config):  # ERC, or a baseline with positive_nll_coeff > 0
             return super().run(config)
         with erc_trainer_registered(config.trainer.v1.trainer_mode):
             return super().run(config)

@@ -2,7 +2,8 @@
 
 Three small overrides, active only when the actor's loss is an ERC loss:
 - actor workers are verl's chosen class with ``ERCActorWorkerMixin`` in front (ERC actor loss +
-  graph-free current entropy);
+  graph-free current entropy); also for a non-ERC loss with ``positive_nll_coeff > 0`` (the plugin's actor loss
+  adds that term);
 - the old-policy entropy verl already computes in ``_compute_old_log_prob`` is kept as ``old_entropy``
   for the update (V1 writes it back to TransferQueue as ``entropy``; V0 drops it after logging);
 - update batches carry the flag asking the worker for the current entropy.
@@ -22,7 +23,7 @@ from tensordict import TensorDict
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 from verl.trainer.ppo.utils import Role
 
-from erc_verl.actor_loss import OLD_ENTROPY_KEY
+from erc_verl.actor_loss import OLD_ENTROPY_KEY, needs_plugin_actor_loss
 from erc_verl.engine import DETACHED_ENTROPY_KEY
 from erc_verl.losses import is_erc_loss_mode
 from erc_verl.workers import erc_actor_worker_cls
@@ -32,6 +33,11 @@ _ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
 
 def erc_enabled(config: DictConfig) -> bool:
     return is_erc_loss_mode(config.actor_rollout_ref.actor.policy_loss.get("loss_mode"))
+
+
+def plugin_actor_loss_enabled(config: DictConfig) -> bool:
+    """ERC, or any loss with the opt-in positive-NLL term: the actor workers must run the plugin's actor loss."""
+    return needs_plugin_actor_loss(config.actor_rollout_ref.actor)
 
 
 def use_erc_actor_workers(role_worker_mapping: dict) -> None:
@@ -50,7 +56,7 @@ class ERCTrainerV1Mixin:
 
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
-        if erc_enabled(self.config):
+        if plugin_actor_loss_enabled(self.config):
             use_erc_actor_workers(self.role_worker_mapping)
 
     def _compute_old_log_prob(self, batch, metrics: dict):
@@ -116,7 +122,7 @@ class ERCRayPPOTrainer(RayPPOTrainer):
     """verl's legacy (``trainer.use_v1=False``) trainer with the ERC plumbing."""
 
     def __init__(self, config, *args, role_worker_mapping: dict, **kwargs):
-        if erc_enabled(config):
+        if plugin_actor_loss_enabled(config):
             role_worker_mapping = dict(role_worker_mapping)
             use_erc_actor_workers(role_worker_mapping)
         super().__init__(config, *args, role_worker_mapping=role_worker_mapping, **kwargs)

@@ -1,5 +1,5 @@
-"""ERC on top of whichever actor worker verl picked, with the ERC actor loss and the detached-entropy engine seam
-when ERC is selected.
+"""ERC on top of whichever actor worker verl picked, with the plugin's actor loss when ERC or the positive-NLL
+term (``positive_nll_coeff > 0``) is selected, and the detached-entropy engine seam when ERC is.
 
 verl chooses the actor worker class per trainer (``ActorRolloutRefWorker``; ``DetachActorWorker`` in
 ``separate_async``, which adds CPU save/restore for decoupled PPO). ERC only changes ``init_model``, so it is a
@@ -14,21 +14,25 @@ from verl.single_controller.base.decorator import MAGIC_ATTR, Dispatch, register
 from verl.workers.engine_workers import ActorRolloutRefWorker
 from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
 
-from erc_verl.actor_loss import ppo_loss_with_entropy
+from erc_verl.actor_loss import needs_plugin_actor_loss, ppo_loss_with_entropy
 from erc_verl.engine import enable_detached_entropy
 from erc_verl.losses import is_erc_loss_mode
 
 
 class ERCActorWorkerMixin:
-    """Identical to the verl worker it is mixed into unless the actor's ``policy_loss.loss_mode`` is an ERC loss."""
+    """Identical to the verl worker it is mixed into unless the actor's loss is an ERC loss or
+    ``positive_nll_coeff > 0``."""
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
         super().init_model()
-        if not self._is_actor or not is_erc_loss_mode(self.config.actor.policy_loss.get("loss_mode")):
+        if not self._is_actor or not needs_plugin_actor_loss(self.config.actor):
             return
         if self.distillation_enabled:
-            raise ValueError("ERC losses do not support distillation; disable `distillation` or pick a non-ERC loss.")
+            raise ValueError(
+                "ERC losses and positive_nll_coeff > 0 do not support distillation; disable `distillation`, "
+                "or pick a non-ERC loss with positive_nll_coeff=0."
+            )
         stock_loss = self.loss_fn
         if not (isinstance(stock_loss, partial) and stock_loss.func is verl_ppo_loss):
             raise RuntimeError(
@@ -37,7 +41,8 @@ class ERCActorWorkerMixin:
             )
         self.loss_fn = partial(ppo_loss_with_entropy, config=stock_loss.keywords["config"])
         self.actor.set_loss_fn(self.loss_fn)
-        enable_detached_entropy(self.actor.engine)
+        if is_erc_loss_mode(self.config.actor.policy_loss.get("loss_mode")):
+            enable_detached_entropy(self.actor.engine)
 
 
 @lru_cache(maxsize=None)

@@ -1,5 +1,6 @@
 """The actor-side loss fed verl-format TensorDicts (nested/jagged fields, as verl's engine passes them)."""
 
+import copy
 import math
 from functools import partial
 
@@ -11,7 +12,7 @@ from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
 
 from erc_verl.actor_loss import ppo_loss_with_entropy
 from erc_verl.config import ERCFSDPActorConfig
-from erc_verl.testing import cpu_lm_engine, engine_on_cpu, tiny_qwen2, update_batch
+from erc_verl.testing import cpu_lm_engine, engine_on_cpu, padded_update_batch, tiny_qwen2, update_batch
 
 
 def actor_config(loss_mode, **kw):
@@ -104,3 +105,110 @@ def test_token_diagnostics_are_written_from_the_actor_loss(tmp_path):
     assert len(files) == 1 and "rank0" in files[0].name
     lines = [line for line in files[0].read_text().splitlines() if line.strip()]
     assert 2 <= len(lines) <= 2 * 5 + 1  # at most tokens_per_step per call (+ a header for csv)
+
+
+# --- the reference fork's positive-NLL term (positive_nll_coeff; not in the paper) ---
+
+def scored_batch(scores, batch_size=5, seed=3, global_batch_size=None, nested=False):
+    """``update_batch`` plus ``rm_scores`` as verl's reward loop writes them: the score on the last response
+    token (padded as in the V0 DataProto batch, or nested per response as V1 reads it from TransferQueue)."""
+    padded = padded_update_batch(batch_size=batch_size, seed=seed)
+    td = update_batch(batch_size=batch_size, seed=seed)
+    lengths = padded["response_mask"].sum(-1)
+    rm_scores = torch.zeros(padded["response_mask"].shape)
+    rm_scores[torch.arange(batch_size), lengths - 1] = torch.tensor(scores, dtype=torch.float32)
+    if nested:
+        rm_scores = torch.nested.as_nested_tensor([rm_scores[i, : lengths[i]] for i in range(batch_size)],
+                                                  layout=torch.jagged)
+    td["rm_scores"] = rm_scores
+    if global_batch_size is not None:
+        tu.assign_non_tensor(td, global_batch_size=global_batch_size)
+    return padded, td
+
+
+def reference_positive_nll(model, padded, scores, weight):
+    """Independent float64 computation: a float64 copy of the model run by Hugging Face on the padded batch;
+    mean of -log p(response token) over the response tokens of the responses scored 1, times ``weight``."""
+    model64 = copy.deepcopy(model).double()
+    logits = model64(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                     position_ids=padded["position_ids"]).logits
+    prompt_len = padded["prompts"].shape[1]
+    response_logits = logits[:, prompt_len - 1 : -1]
+    log_p = torch.log_softmax(response_logits, dim=-1).gather(-1, padded["responses"][..., None])[..., 0]
+    positive = torch.tensor(scores, dtype=torch.float64)[:, None] == 1.0
+    mask = padded["response_mask"].bool() & positive
+    value = (-log_p * mask).sum() / mask.sum() * weight
+    value.backward()
+    grads = torch.cat([p.grad.flatten() for p in model64.parameters() if p.grad is not None])
+    return value.detach(), grads
+
+
+SCORES = [1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gppo", "grpo_erc"])
+@pytest.mark.parametrize("global_batch_size, nested", [(None, False), (10, False), (10, True)])
+def test_positive_nll_adds_coeff_times_nll_of_responses_scored_1(loss_mode, global_batch_size, nested):
+    """The term the reference scripts ran with (postive_loss_coeff=0.1), for an ERC loss and the baselines,
+    against float64: loss and gradient move by exactly coeff * NLL. A micro-batch of 5 out of a mini-batch
+    of 10 responses weighs 1/2, as the fork's ``loss_scale_factor``."""
+    model = tiny_qwen2()
+    padded, td = scored_batch(SCORES, global_batch_size=global_batch_size, nested=nested)
+    coeff = 0.5
+    loss, metrics, grads = forward(model, td, partial(ppo_loss_with_entropy,
+                                                      config=actor_config(loss_mode, positive_nll_coeff=coeff)))
+    base_loss, base_metrics, base_grads = forward(model, td, partial(ppo_loss_with_entropy,
+                                                                     config=actor_config(loss_mode)))
+    weight = 1.0 if global_batch_size is None else 5 / global_batch_size
+    expected, expected_grads = reference_positive_nll(model, padded, SCORES, weight)
+
+    assert float(loss - base_loss) == pytest.approx(coeff * float(expected), rel=1e-5)
+    torch.testing.assert_close(grads - base_grads, coeff * expected_grads.float(), rtol=1e-4, atol=1e-6)
+    assert metrics["actor/positive_nll_loss"].aggregate() == pytest.approx(float(expected), rel=1e-5)
+    assert "actor/positive_nll_loss" not in base_metrics
+    assert metrics["actor/pg_loss"].aggregate() == base_metrics["actor/pg_loss"].aggregate()
+
+
+@pytest.mark.parametrize("loss_mode", ["vanilla", "grpo_erc"])
+def test_positive_nll_is_zero_without_a_response_scored_1(loss_mode):
+    model = tiny_qwen2()
+    _, td = scored_batch([0.0, 0.0, 0.5, -1.0, 0.0])
+    loss, metrics, grads = forward(model, td, partial(ppo_loss_with_entropy,
+                                                      config=actor_config(loss_mode, positive_nll_coeff=0.1)))
+    base_loss, _, base_grads = forward(model, td, partial(ppo_loss_with_entropy, config=actor_config(loss_mode)))
+    assert torch.equal(loss, base_loss) and torch.equal(grads, base_grads)
+    assert metrics["actor/positive_nll_loss"].aggregate() == 0.0
+
+
+def test_coeff_0_baseline_is_verl_ppo_loss_bit_for_bit():
+    model = tiny_qwen2()
+    _, td = scored_batch(SCORES)
+    cfg = actor_config("vanilla", positive_nll_coeff=0.0)
+    loss, metrics, grads = forward(model, td, partial(ppo_loss_with_entropy, config=cfg))
+    v_loss, v_metrics, v_grads = forward(model, td, partial(verl_ppo_loss, config=cfg))
+    assert torch.equal(loss, v_loss) and torch.equal(grads, v_grads)
+    assert set(metrics) == set(v_metrics)
+
+
+def test_coeff_0_erc_loss_does_not_read_the_scores():
+    """With coefficient 0 the ERC loss is the one without the term: same bits with or without ``rm_scores``."""
+    model = tiny_qwen2()
+    _, td = scored_batch(SCORES)
+    without = td.exclude("rm_scores")
+    cfg = actor_config("grpo_erc")
+    loss, metrics, grads = forward(model, td, partial(ppo_loss_with_entropy, config=cfg))
+    w_loss, w_metrics, w_grads = forward(model, without, partial(ppo_loss_with_entropy, config=cfg))
+    assert torch.equal(loss, w_loss) and torch.equal(grads, w_grads)
+    assert set(metrics) == set(w_metrics) and "actor/positive_nll_loss" not in metrics
+
+
+def test_positive_nll_without_scores_fails_loudly():
+    model, td = tiny_qwen2(), update_batch()
+    with pytest.raises(RuntimeError, match="positive_nll_coeff=0.1 needs .*'rm_scores'"):
+        forward(model, td, partial(ppo_loss_with_entropy, config=actor_config("vanilla", positive_nll_coeff=0.1)))
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.inf, math.nan])
+def test_positive_nll_coeff_must_be_finite_and_non_negative(bad):
+    with pytest.raises(ValueError, match="positive_nll_coeff must be finite and >= 0"):
+        actor_config("vanilla", positive_nll_coeff=bad)

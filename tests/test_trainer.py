@@ -175,13 +175,13 @@ def test_v1_old_entropy_is_copied_in_transfer_queue_and_fetched_for_the_update()
     assert update_metrics["actor/erc_clipfrac"].aggregate() == 0.0
 
 
-def _worker_mappings(mode, hybrid_engine, loss_mode="grpo_erc"):
+def _worker_mappings(mode, hybrid_engine, loss_mode="grpo_erc", *overrides):
     """role -> worker class, from the real ``_init_resource_pool_mgr`` of verl's trainer and of ours (it only
     fills dicts: no Ray cluster or GPU needed)."""
     from verl.trainer.ppo.v1 import get_trainer_cls
 
     config = erc_config(loss_mode, f"trainer.v1.trainer_mode={mode}", "actor_rollout_ref.actor.use_kl_loss=True",
-                        f"actor_rollout_ref.hybrid_engine={hybrid_engine}")
+                        f"actor_rollout_ref.hybrid_engine={hybrid_engine}", *overrides)
     mappings = []
     for cls in (get_trainer_cls(mode), erc_v1_trainer_cls(mode)):
         trainer = cls.__new__(cls)
@@ -256,3 +256,28 @@ def test_erc_actor_worker_leaves_non_erc_losses_to_verl(monkeypatch):
     worker = _init_model_with_verl_init_stubbed(remote.__ray_actor_class__, config, monkeypatch)
     assert worker.loss_fn.func is verl_ppo_loss and worker.actor.loss_fn is worker.loss_fn
     assert "prepare_model_outputs" not in vars(worker.actor.engine)
+
+
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gppo"])
+def test_positive_nll_term_puts_the_plugin_loss_in_front_of_a_baseline(loss_mode, monkeypatch):
+    """A baseline with positive_nll_coeff > 0 gets the plugin's actor loss (which adds the term) but not the
+    ERC entropy seam; with 0 our trainer leaves verl's workers, and so verl's loss, as they are."""
+    from verl.trainer.ppo.utils import Role
+
+    from erc_verl.actor_loss import ppo_loss_with_entropy
+    from erc_verl.trainer import plugin_actor_loss_enabled
+    from erc_verl.workers import ERCActorWorkerMixin
+
+    config, stock, ours = _worker_mappings("sync", True, loss_mode, "actor_rollout_ref.actor.positive_nll_coeff=0.1")
+    assert plugin_actor_loss_enabled(config)
+    erc_worker = ours[Role.ActorRolloutRef].__ray_actor_class__
+    assert issubclass(erc_worker, ERCActorWorkerMixin)
+    assert issubclass(erc_worker, stock[Role.ActorRolloutRef].__ray_actor_class__)
+    worker = _init_model_with_verl_init_stubbed(erc_worker, config, monkeypatch)
+    assert worker.loss_fn.func is ppo_loss_with_entropy and worker.actor.loss_fn is worker.loss_fn
+    assert worker.loss_fn.keywords["config"].positive_nll_coeff == 0.1
+    assert "prepare_model_outputs" not in vars(worker.actor.engine)
+
+    config, stock, ours = _worker_mappings("sync", True, loss_mode)
+    assert not plugin_actor_loss_enabled(config)
+    assert {r: w.__ray_actor_class__ for r, w in ours.items()} == {r: w.__ray_actor_class__ for r, w in stock.items()}
