@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from tensordict import TensorDict
 
@@ -34,14 +33,20 @@ from erc_verl.entropy import entropy_from_logits_no_grad
 
 # Non-tensor key the ERC trainer sets on update batches: "give the loss a detached current entropy".
 DETACHED_ENTROPY_KEY = "erc_detached_entropy"
-SUPPORTED_VERL = SpecifierSet(">=0.9.0,<0.10")
+SUPPORTED_VERL = (0, 9)  # release series: 0.9.x, dev/pre/post/local builds included
 _ENGINE_KEYS = ("calculate_entropy", "distillation_only", "distillation_use_topk", "calculate_sum_pi_squared")
 
 
-def check_verl_version(version: str = verl.__version__) -> None:
-    if Version(version) not in SUPPORTED_VERL:
+def check_verl_version(version: str | None = None) -> None:
+    """Refuse a verl outside the 0.9 series (default: the installed one, read at call time).
+
+    By release number, not a specifier set: ``>=0.9.0,<0.10`` turns away 0.9.x dev and pre-releases.
+    """
+    version = verl.__version__ if version is None else version
+    if Version(version).release[:2] != SUPPORTED_VERL:
+        series = ".".join(map(str, SUPPORTED_VERL))
         raise RuntimeError(
-            f"erc-verl's actor seam was written for verl {SUPPORTED_VERL}, found verl {version}. "
+            f"erc-verl's actor seam was written for verl {series}.x, found verl {version}. "
             "Install a supported verl (pip install 'verl>=0.9.1,<0.10') or upgrade erc-verl."
         )
 

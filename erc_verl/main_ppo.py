@@ -17,6 +17,7 @@ from verl.utils.device import auto_set_device
 
 from erc_verl.config import validate_erc_config
 from erc_verl.configs import CONFIG_DIR
+from erc_verl.engine import check_verl_version
 from erc_verl.trainer import ERCRayPPOTrainer, erc_trainer_registered, plugin_actor_loss_enabled
 
 
@@ -53,6 +54,7 @@ def _erc_task_runner_v0():
 
 def run(config) -> None:
     """Validate (verl's checks, then ERC's) on the driver, then start Ray and train."""
+    check_verl_version()  # before Ray starts, not only in the workers
     auto_set_device(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     validate_erc_config(config)

@@ -94,11 +94,24 @@ def test_contract_check_fails_loudly_when_verl_engine_changes():
     check_engine_contract(cpu_lm_engine(tiny_qwen2()))
 
 
-@pytest.mark.parametrize("version", ["0.8.0", "0.10.0"])
+@pytest.mark.parametrize("version", ["0.8.0", "0.10.0", "0.10.0.dev0", "1.9.1"])
 def test_unsupported_verl_versions_are_refused(version):
-    with pytest.raises(RuntimeError, match="written for verl"):
+    with pytest.raises(RuntimeError, match=rf"written for verl 0\.9\.x, found verl {version}\b"):
         check_verl_version(version)
-    check_verl_version("0.9.1")
+
+
+@pytest.mark.parametrize("version", ["0.9.1", "0.9.0", "0.9.2.dev0", "0.9.1.post1", "0.9.0rc1", "0.9.3+cu124"])
+def test_every_verl_0_9_release_is_accepted(version):
+    """Development, pre-, post- and local builds of 0.9.x carry the same seams as the releases."""
+    check_verl_version(version)
+
+
+def test_installed_verl_version_is_read_when_called(monkeypatch):
+    import verl
+
+    monkeypatch.setattr(verl, "__version__", "0.10.0")
+    with pytest.raises(RuntimeError, match="found verl 0.10.0"):
+        check_verl_version()
 
 
 def test_graph_free_pass_uses_the_read_only_entropy_and_restores_verls():

@@ -114,3 +114,22 @@ def test_registry_override_refuses_a_verl_runner_that_picks_its_trainer_differen
     with pytest.raises(RuntimeError, match="no longer picks its trainer"):
         with erc_trainer_registered("sync"):
             pass
+
+
+def test_driver_refuses_an_unsupported_verl_before_ray_starts(monkeypatch):
+    import ray
+    from hydra import compose, initialize_config_dir
+
+    import verl
+
+    import erc_verl.main_ppo as entry
+    from erc_verl.configs import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        config = compose(config_name="erc_ppo_trainer",
+                         overrides=["actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc"])
+    monkeypatch.setattr(verl, "__version__", "0.10.0")
+    monkeypatch.setattr(entry, "run_ppo", lambda *args, **kwargs: pytest.fail("Ray would start"))
+    with pytest.raises(RuntimeError, match="written for verl 0.9.x, found verl 0.10.0"):
+        entry.run(config)
+    assert not ray.is_initialized()
