@@ -89,9 +89,10 @@ def validate_erc_config(config) -> None:
             f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r} is not a registered verl policy loss; "
             f"choose one of {sorted(POLICY_LOSS_REGISTRY)}."
         )
-    if actor.get("strategy") not in ("fsdp", "fsdp2"):
+    if is_erc_loss_mode(loss_mode) and actor.get("strategy") not in ("fsdp", "fsdp2"):  # the ERC seam is FSDP's
         raise ValueError(
-            f"erc-verl supports FSDP actors (actor_rollout_ref.actor.strategy=fsdp|fsdp2), got {actor.get('strategy')!r}."
+            f"ERC losses support FSDP actors (actor_rollout_ref.actor.strategy=fsdp|fsdp2), got "
+            f"actor_rollout_ref.actor.strategy={actor.get('strategy')!r} with loss_mode={loss_mode!r}."
         )
     # Builds ERCFSDPActorConfig exactly as the workers will: bad bounds / base loss fail here.
     try:

@@ -84,3 +84,13 @@ def test_stock_actor_target_is_refused():
     OmegaConf.update(cfg, "actor_rollout_ref.actor._target_", "verl.workers.config.FSDPActorConfig")
     with pytest.raises(Exception, match="entropy_mask_low|ERCFSDPActorConfig"):
         validate_erc_config(cfg)
+
+
+@pytest.mark.parametrize("strategy", ["megatron", "veomni"])
+def test_non_fsdp_strategies_are_refused_only_for_erc_losses(strategy):
+    """Non-ERC runs are verl's own: the FSDP-only ERC seam must not stop them."""
+    validate_erc_config(_valid(**{"actor_rollout_ref.actor.strategy": strategy,
+                                  "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla"}))
+    with pytest.raises(ValueError, match=rf"actor_rollout_ref\.actor\.strategy.*{strategy}.*grpo_erc"):
+        validate_erc_config(_valid(**{"actor_rollout_ref.actor.strategy": strategy,
+                                      "actor_rollout_ref.actor.policy_loss.loss_mode": "grpo_erc"}))
