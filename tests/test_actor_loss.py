@@ -88,12 +88,18 @@ def test_erc_without_old_entropy_fails_loudly():
         forward(model, td, partial(ppo_loss_with_entropy, config=actor_config("grpo_erc")))
 
 
-def test_non_erc_losses_are_verl_ppo_loss():
-    model, td = tiny_qwen2(), update_batch(seed=2)
-    cfg = actor_config("gppo")
-    loss, _, grads = forward(model, td, partial(ppo_loss_with_entropy, config=cfg))
-    v_loss, _, v_grads = forward(model, td, partial(verl_ppo_loss, config=cfg))
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gppo"])
+def test_non_erc_losses_need_no_erc_inputs_and_match_verl(loss_mode):
+    """Bound as the actor loss, the plugin's loss runs a non-ERC loss on what verl alone provides (no
+    ``old_entropy`` field, no entropy from the engine) and changes nothing: loss, gradients, metrics."""
+    model, td = tiny_qwen2(), update_batch(seed=2, old_entropy=False)
+    cfg = actor_config(loss_mode)
+    loss, metrics, grads = forward(model, td, partial(ppo_loss_with_entropy, config=cfg), calculate_entropy=False)
+    v_loss, v_metrics, v_grads = forward(model, td, partial(verl_ppo_loss, config=cfg), calculate_entropy=False)
     assert torch.equal(loss, v_loss) and torch.equal(grads, v_grads)
+    assert metrics.keys() == v_metrics.keys()
+    for key, metric in v_metrics.items():
+        assert metrics[key].aggregation == metric.aggregation and metrics[key].values == metric.values, key
 
 
 def test_token_diagnostics_are_written_from_the_actor_loss(tmp_path):

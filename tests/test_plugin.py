@@ -33,19 +33,6 @@ def test_plugin_can_be_switched_off_like_any_verl_plugin():
     assert out.stdout.strip().splitlines()[-1] == "[] False"
 
 
-def test_import_erc_verl_is_idempotent():
-    import importlib
-
-    from verl.trainer.ppo.core_algos import get_policy_loss_fn
-
-    import erc_verl.losses
-
-    before = get_policy_loss_fn("grpo_erc")
-    importlib.reload(erc_verl.losses)
-    after = get_policy_loss_fn("grpo_erc")
-    assert after.__name__ == before.__name__ == "compute_policy_loss_grpo_erc"
-
-
 @pytest.mark.integration
 def test_ray_worker_sees_losses_after_import_verl_alone():
     ray = pytest.importorskip("ray")

@@ -43,6 +43,7 @@ class CPUActorWorkerGroup:
         self.model = tiny_qwen2()
         self.actor_config = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
         self.updates = []
+        self.loss_old_entropy = []  # (old_entropy, response_mask) as the ERC loss padded them, per call
 
     def infer(self, td):
         td = td.copy()
@@ -58,8 +59,14 @@ class CPUActorWorkerGroup:
                              batch_num_tokens=int((mask.values() if mask.is_nested else mask).sum()))
         engine = cpu_lm_engine(self.model)
         enable_detached_entropy(engine)
+
+        def recording_loss(config, model_output, data, dp_group=None):
+            padded = data.select("old_entropy", "response_mask").to_padded_tensor()
+            self.loss_old_entropy.append((padded["old_entropy"], padded["response_mask"].bool()))
+            return ppo_loss_with_entropy(config, model_output, data, dp_group)
+
         with engine_on_cpu():
-            loss, out = engine.forward_step(td, partial(ppo_loss_with_entropy, config=self.actor_config), False)
+            loss, out = engine.forward_step(td, partial(recording_loss, config=self.actor_config), False)
         loss.backward()
         self.updates.append((td, out["metrics"]))
 
@@ -77,11 +84,13 @@ def test_v0_old_entropy_reaches_the_update_and_the_loss():
     trainer.config = config
     trainer.actor_rollout_wg = wg
     batch, td = padded_batch()
+    produced = []  # the old-policy entropy compute_log_prob handed to verl's trainer
 
     class V0Calls:
         def compute_log_prob(self, batch_td):
             assert tu.get(batch_td, "calculate_entropy") is True  # verl computes the old entropy already
             out = wg.infer(td)
+            produced.append(out["entropy"].clone())
             return tu.get_tensordict({"log_probs": out["log_probs"], "entropy": out["entropy"]},
                                      non_tensor_dict={"metrics": {"mfu": 0.0}})
 
@@ -91,7 +100,6 @@ def test_v0_old_entropy_reaches_the_update_and_the_loss():
 
     trainer.actor_rollout_wg = V0Calls()
     old, _ = trainer._compute_old_log_prob(batch)
-    assert torch.equal(old.batch["old_entropy"], old.batch["entropys"])
     old.batch.pop("entropys")  # what RayPPOTrainer.fit does after logging actor/entropy
     old.batch.pop("old_log_probs")
     batch = batch.union(old)
@@ -99,8 +107,10 @@ def test_v0_old_entropy_reaches_the_update_and_the_loss():
     trainer._update_actor(batch)
     (update_td, metrics), = wg.updates
     assert tu.get(update_td, DETACHED_ENTROPY_KEY) is True
-    expected = no_padding_2_padding(wg.infer(td)["entropy"], td)
-    torch.testing.assert_close(update_td["old_entropy"], expected)
+    # what the ERC loss received as old_entropy is, token for token, what compute_log_prob produced
+    (received, mask), = wg.loss_old_entropy
+    expected = no_padding_2_padding(produced[0], td)
+    assert torch.equal(mask, td["response_mask"].bool()) and torch.equal(received[mask], expected[mask])
     # the policy at update time is the old policy: ratio == 1, nothing clipped
     assert metrics["actor/erc_clipfrac"].aggregate() == 0.0
     assert metrics["actor/entropy_ratio_mean"].aggregate() == pytest.approx(1.0, abs=1e-5)
