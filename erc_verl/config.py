@@ -109,6 +109,11 @@ def validate_erc_config(config) -> None:
     distillation = config.get("distillation") or {}
     if actor_config.positive_nll_coeff > 0 and distillation.get("enabled", False):
         raise ValueError("actor_rollout_ref.actor.positive_nll_coeff > 0 does not support distillation; set it to 0.")
+    if actor_config.positive_nll_coeff > 0 and actor.get("strategy") not in ("fsdp", "fsdp2"):  # FSDP loss scaling
+        raise ValueError(
+            "actor_rollout_ref.actor.positive_nll_coeff > 0 supports FSDP actors (strategy=fsdp|fsdp2), got "
+            f"actor_rollout_ref.actor.strategy={actor.get('strategy')!r}."
+        )
     if not is_erc_loss_mode(loss_mode):
         return
     rollout_correction = config.algorithm.get("rollout_correction") or {}

@@ -94,3 +94,15 @@ def test_non_fsdp_strategies_are_refused_only_for_erc_losses(strategy):
     with pytest.raises(ValueError, match=rf"actor_rollout_ref\.actor\.strategy.*{strategy}.*grpo_erc"):
         validate_erc_config(_valid(**{"actor_rollout_ref.actor.strategy": strategy,
                                       "actor_rollout_ref.actor.policy_loss.loss_mode": "grpo_erc"}))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"actor_rollout_ref.actor.positive_nll_coeff": -0.1}, "positive_nll_coeff must be finite and >= 0"),
+    ({"actor_rollout_ref.actor.positive_nll_coeff": 0.1, "distillation.enabled": True}, "does not support distillation"),
+    ({"actor_rollout_ref.actor.positive_nll_coeff": 0.1, "actor_rollout_ref.actor.strategy": "megatron"},
+     r"positive_nll_coeff > 0 supports FSDP actors.*megatron"),
+])
+def test_positive_nll_coeff_is_refused_on_the_driver_where_it_cannot_run(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate_erc_config(_valid(**overrides))
+    validate_erc_config(_valid(**{**overrides, "actor_rollout_ref.actor.positive_nll_coeff": 0.0}))  # the term is why
