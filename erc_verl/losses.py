@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, register_policy_loss
+from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, get_policy_loss_fn, register_policy_loss
 from verl.utils import torch_functional as verl_F
 
 from erc_verl.gate import ERCBounds, erc_keep_mask, gate_log_prob
@@ -57,6 +57,12 @@ def erc_base_loss_mode(loss_mode: str, config: Any) -> str:
         )
     if is_erc_loss_mode(base):
         raise ValueError(f"actor_rollout_ref.actor.erc_base_loss_mode={base!r} is itself an ERC loss; name a base loss.")
+    if base not in POLICY_LOSS_REGISTRY:
+        names = sorted(name for name in POLICY_LOSS_REGISTRY if not is_erc_loss_mode(name))
+        raise ValueError(
+            f"actor_rollout_ref.actor.erc_base_loss_mode={base!r} is not a registered verl policy loss; "
+            f"choose one of {', '.join(names)}."
+        )
     return base
 
 

@@ -3,6 +3,10 @@
 Same CLI as ``python -m verl.trainer.main_ppo`` (Hydra overrides, ``--cfg job``); the config is verl's
 ``ppo_trainer`` plus the ERC keys (configs/erc_ppo_trainer.yaml). With a non-ERC loss the run is
 verl's own. With an ERC loss the task runner builds the ERC trainer (erc_verl.trainer).
+
+Before Ray starts, the driver checks the config (erc_verl.preflight): ERC key names and types, local
+data and model paths, verl's ``validate_config``, ERC's checks; ``--cfg job`` runs the same checks
+before it prints. A refusal is one line, ``erc-verl: error: <message>`` on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -11,13 +15,10 @@ import hydra
 import ray
 
 from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
-from verl.trainer.ppo.utils import need_critic, need_reference_policy
-from verl.utils.config import validate_config
-from verl.utils.device import auto_set_device
 
-from erc_verl.config import validate_erc_config
 from erc_verl.configs import CONFIG_DIR
 from erc_verl.engine import check_verl_version
+from erc_verl.preflight import GPUCheckedRunner, check_config, launch, refusing_config_errors
 from erc_verl.trainer import ERCRayPPOTrainer, erc_trainer_registered, plugin_actor_loss_enabled
 
 
@@ -53,18 +54,23 @@ def _erc_task_runner_v0():
 
 
 def run(config) -> None:
-    """Validate (verl's checks, then ERC's) on the driver, then start Ray and train."""
+    """Check on the driver (erc_verl.preflight: ERC keys, local paths, verl's validate_config, then ERC's),
+    then start Ray; the GPU count is checked right after ray.init, before the task runner starts."""
     check_verl_version()  # before Ray starts, not only in the workers
-    auto_set_device(config)
-    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
-    validate_erc_config(config)
+    check_config(config)
     runner = ERCTaskRunnerV1 if config.trainer.use_v1 else _erc_task_runner_v0()
-    run_ppo(config, task_runner_class=runner)
+    run_ppo(config, task_runner_class=GPUCheckedRunner(runner, config))
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="erc_ppo_trainer", version_base=None)
-def main(config):
-    run(config)
+def hydra_main(config):
+    with refusing_config_errors():
+        run(config)
+
+
+def main():
+    """The command line: config mistakes are refused as one line (exit 2) before Ray starts, ``--cfg job`` included."""
+    launch(hydra_main)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # Shared launcher for the paper recipes (sourced by recipe/<method>.sh after it sets METHOD_ARGS).
 # Everything site-specific comes from environment variables; any Hydra override can be appended:
 #   bash recipe/dapo_erc.sh trainer.total_epochs=1 actor_rollout_ref.actor.entropy_mask_high=1.1
-# ERC_DRY_RUN=1 prints the fully composed config (like `--cfg job`) and exits without Ray or GPUs.
+# ERC_DRY_RUN=1 runs a launch's checks (config, data and model paths; not the GPU count), prints the composed
+# config (`--cfg job`) and exits without Ray or GPUs; a refusal is one line `erc-verl: error: ...`, exit 2.
 # Defaults follow the authors' launch scripts (Kwai-Klear/ERC recipe/dapo/*_erc_1_05.sh) where verl 0.9.1 can;
 # README "Fidelity to the reference scripts" lists every setting and every difference.
 set -euo pipefail

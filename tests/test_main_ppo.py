@@ -9,14 +9,23 @@ import yaml
 from erc_verl.main_ppo import ERCTaskRunnerV1
 
 
-def cli(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
+def cli(module, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def launchable(tmp_path):
+    """Overrides the driver's checks need (`--cfg job` runs them too): data files, a hub model id, a rollout."""
+    (tmp_path / "train.parquet").touch()
+    return [f"data.train_files={tmp_path}/train.parquet", f"data.val_files={tmp_path}/train.parquet",
+            "actor_rollout_ref.model.path=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "algorithm.adv_estimator=grpo",
+            "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2"]
 
 
 @pytest.mark.integration
-def test_cfg_job_prints_composed_config_with_erc_keys():
+def test_cfg_job_prints_composed_config_with_erc_keys(tmp_path):
     out = cli("erc_verl.main_ppo", "--cfg", "job", "actor_rollout_ref.actor.policy_loss.loss_mode=gppo_erc",
-              "actor_rollout_ref.actor.entropy_mask_low=0.9")
+              "actor_rollout_ref.actor.entropy_mask_low=0.9", *launchable(tmp_path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     actor = yaml.safe_load(out.stdout)["actor_rollout_ref"]["actor"]
     assert (actor["entropy_mask_low"], actor["entropy_mask_high"]) == (0.9, 1.05)
@@ -31,14 +40,14 @@ def test_stock_verl_rejects_the_keys_which_is_why_the_entry_point_exists():
 
 
 @pytest.mark.integration
-def test_bad_bounds_fail_on_the_driver_before_ray():
+@pytest.mark.parametrize("dry_run", [[], ["--cfg", "job"]], ids=["launch", "cfg-job"])
+def test_bad_bounds_fail_on_the_driver_before_ray(tmp_path, dry_run):
     out = cli("erc_verl.main_ppo", "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc",
-              "actor_rollout_ref.actor.entropy_mask_low=1.2", "actor_rollout_ref.rollout.name=vllm",
-              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-              "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2")
-    assert out.returncode != 0
-    assert "0 <= entropy_mask_low < entropy_mask_high" in out.stderr
-    assert "ray init kwargs" not in out.stdout + out.stderr
+              "actor_rollout_ref.actor.entropy_mask_low=1.2", *launchable(tmp_path), *dry_run, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines()[-1].startswith(
+        "erc-verl: error: ERC needs 0 <= entropy_mask_low < entropy_mask_high, got low=1.2, high=1.05.")
+    assert "ray init kwargs" not in out.stdout + out.stderr and "Traceback" not in out.stderr
 
 
 V1_MODES = ["sync", "colocate_async", "separate_async"]  # the trainers verl 0.9.1 registers

@@ -37,8 +37,8 @@ def dry_run(recipe, *overrides, **env):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
-def test_recipe_dry_run_has_paper_settings_and_passes_validation(recipe):
-    cfg = dry_run(recipe)
+def test_recipe_dry_run_has_paper_settings_and_passes_validation(recipe, data_dir):
+    cfg = dry_run(recipe, DATA_DIR=data_dir)
     loss_mode, low, high, dynamic_sampling, bounds = EXPECTED[recipe]
     actor = cfg.actor_rollout_ref.actor
     assert actor.policy_loss.loss_mode == loss_mode
@@ -62,14 +62,14 @@ def test_recipe_dry_run_has_paper_settings_and_passes_validation(recipe):
 
 
 @pytest.mark.integration
-def test_site_settings_come_from_env_and_overrides_append():
+def test_site_settings_come_from_env_and_overrides_append(data_dir):
     cfg = dry_run("gppo_erc", "actor_rollout_ref.actor.entropy_mask_high=1.1", "trainer.total_epochs=1",
-                  MODEL_SIZE="7b", NNODES="4", GPUS_PER_NODE="8", DATA_DIR="/data/x", CKPT_DIR="/ckpt",
+                  MODEL_SIZE="7b", NNODES="4", GPUS_PER_NODE="8", DATA_DIR=data_dir, CKPT_DIR="/ckpt",
                   LOGGER="['console','wandb']")
     assert cfg.actor_rollout_ref.model.path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 2
     assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node, cfg.trainer.total_epochs) == (4, 8, 1)
-    assert cfg.data.train_files == "/data/x/train.parquet"
+    assert cfg.data.train_files == f"{data_dir}/train.parquet"
     assert cfg.trainer.default_local_dir.startswith("/ckpt/") and list(cfg.trainer.logger) == ["console", "wandb"]
     assert cfg.actor_rollout_ref.actor.entropy_mask_high == 1.1
 
