@@ -11,7 +11,7 @@ set -euo pipefail
 PYTHON=${PYTHON:-python3}
 MODEL_SIZE=${MODEL_SIZE:-1.5b}                      # 1.5b | 7b (the paper's two DeepSeek-R1-Distill-Qwen sizes)
 # reference scripts: vLLM TP 2 for both sizes; vLLM memory 0.6 (1.5B) / 0.5 (7B)
-case "$MODEL_SIZE" in
+case "${MODEL_SIZE,,}" in                           # 7B and 7b alike
   1.5b) DEFAULT_MODEL=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B; DEFAULT_GPU_MEM=0.6 ;;
   7b)   DEFAULT_MODEL=deepseek-ai/DeepSeek-R1-Distill-Qwen-7B;   DEFAULT_GPU_MEM=0.5 ;;
   *) echo "MODEL_SIZE must be 1.5b or 7b, got '$MODEL_SIZE'" >&2; exit 2 ;;

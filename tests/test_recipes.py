@@ -62,9 +62,10 @@ def test_recipe_dry_run_has_paper_settings_and_passes_validation(recipe, data_di
 
 
 @pytest.mark.integration
-def test_site_settings_come_from_env_and_overrides_append(data_dir):
+@pytest.mark.parametrize("model_size", ["7b", "7B"])
+def test_site_settings_come_from_env_and_overrides_append(data_dir, model_size):
     cfg = dry_run("gppo_erc", "actor_rollout_ref.actor.entropy_mask_high=1.1", "trainer.total_epochs=1",
-                  MODEL_SIZE="7b", NNODES="4", GPUS_PER_NODE="8", DATA_DIR=data_dir, CKPT_DIR="/ckpt",
+                  MODEL_SIZE=model_size, NNODES="4", GPUS_PER_NODE="8", DATA_DIR=data_dir, CKPT_DIR="/ckpt",
                   LOGGER="['console','wandb']")
     assert cfg.actor_rollout_ref.model.path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
     assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 2
