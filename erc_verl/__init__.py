@@ -4,7 +4,11 @@ Importing the package (or just ``import verl`` with the package installed) regis
 losses ``gppo``, ``grpo_erc``, ``gppo_erc`` and ``erc`` in verl's loss registry.
 """
 
-from erc_verl import losses as _losses  # noqa: F401  (registers the losses)
+from erc_verl.quiet import quiet_if_entry_point
+
+quiet_if_entry_point()  # our command lines only: verl's import-time engine/accelerator notices (erc_verl/quiet.py)
+
+from erc_verl import losses as _losses  # noqa: E402,F401  (registers the losses)
 from erc_verl.gate import ERCBounds, erc_keep_mask, gate_log_prob
 from erc_verl.losses import ERC_LOSS_MODES, is_erc_loss_mode
 

@@ -192,6 +192,16 @@ def test_gpu_count_against_the_ray_cluster(tmp_path, monkeypatch):
     assert created == ["options", "remote"]
 
 
+def test_entry_point_detection():
+    from erc_verl.quiet import launched_as_entry_point
+
+    assert launched_as_entry_point(["python", "-m", "erc_verl.main_ppo", "x=1"], "-m")
+    assert launched_as_entry_point(["python", "-X", "dev", "-merc_verl.cli"], "-m")
+    assert launched_as_entry_point(["python", "/venv/bin/erc-verl", "demo"], "/venv/bin/erc-verl")
+    assert not launched_as_entry_point(["python", "-m", "pytest", "tests"], "-m")
+    assert not launched_as_entry_point(["python", "-c", "import erc_verl"], "-c")
+
+
 # ------------------------------------------------------------------------------------------- command lines
 
 
@@ -289,3 +299,26 @@ def test_launch_refuses_more_gpus_than_the_ray_cluster_has_right_after_ray_init(
     assert "TaskRunner" not in both  # the runner actor was never created
     assert seconds < 120, seconds
     print(f"refused after ray.init in {seconds:.1f} s")
+
+
+@pytest.mark.integration
+def test_help_prints_nothing_before_hydra_s_help():
+    out = subprocess.run([sys.executable, "-m", "erc_verl.main_ppo", "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    first_useful = next(i for i, line in enumerate(lines) if line.startswith("main_ppo is powered by Hydra"))
+    assert first_useful == 0, lines[:first_useful]
+
+
+@pytest.mark.integration
+def test_dry_run_prints_only_verl_s_validation_notices_before_the_config(tmp_path):
+    train, val = data_files(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "erc_verl.main_ppo", *valid_overrides(tmp_path), "--cfg", "job"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    lines = out.stdout.splitlines()
+    first_useful = next(i for i, line in enumerate(lines) if not line.startswith((" ", "/")) and ":" in line
+                        and line.split(":")[0] in ("model_engine", "actor_rollout_ref"))
+    before = [line for line in lines[:first_useful] if "Disabled critic" not in line and "validate_config(" not in line]
+    assert before == ["[validate_config] All configuration checks passed successfully!"], lines[:first_useful]
