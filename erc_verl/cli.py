@@ -23,7 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except OSError as error:  # a file the command reads or writes: one line, not a traceback
+        if error.filename is None:
+            raise
+        raise SystemExit(f"erc-verl {args.command}: {error.strerror}: {error.filename}") from None
     return 0
 
 

@@ -124,10 +124,24 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
             raise SystemExit(f"erc-verl demo: --{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
     if args.hidden_size % 32:
         raise SystemExit(f"erc-verl demo: --hidden-size must be a multiple of 32 (head size), got {args.hidden_size}.")
+    _check_out_dir(args.out)
     return DemoSettings(out=args.out, arms=arms, seed=args.seed, **size, lr=args.lr, erc_low=args.erc_low,
                         erc_high=args.erc_high, clip_ratio_c=args.clip_ratio_c, grad_clip=args.grad_clip,
                         hidden_size=args.hidden_size, layers=args.layers, tokens_per_step=args.tokens_per_step,
                         eval_every=args.eval_every, threads=args.threads, progress=not args.no_progress)
+
+
+def _check_out_dir(out: str) -> None:
+    """--out must be, or become, a writable directory: refused now, in one line, not minutes into the run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"erc-verl demo: --out {out} is a file, not a directory; choose another --out.")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(f"erc-verl demo: --out {out} cannot be created: {existing} is a file; choose another --out.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"erc-verl demo: --out {out}: {existing} is not writable; choose another --out.")
 
 
 def _seed_everything(seed: int, threads: int):

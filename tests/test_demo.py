@@ -121,3 +121,29 @@ def test_cli_lists_the_demo_subcommand():
 
     args = build_parser().parse_args(["demo", "--quick", "--arms", "gppo,gppo_erc"])
     assert args.command == "demo" and args.quick and args.arms == "gppo,gppo_erc"
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_out_that_cannot_be_a_directory_is_one_line(tmp_path, where):
+    """--out naming a file (or a path under one) is refused before anything runs, not with a traceback."""
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me")
+    out = a_file if where == "file" else a_file / "demo"
+    result = subprocess.run(_demo_cmd("--quick", "--out", str(out)), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    expected = (f"erc-verl demo: --out {out} is a file, not a directory; choose another --out." if where == "file" else
+                f"erc-verl demo: --out {out} cannot be created: {a_file} is a file; choose another --out.")
+    assert result.stderr.strip().splitlines() == [expected]
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_file_error_mid_run_is_one_line(tmp_path, monkeypatch):
+    from erc_verl import cli, demo
+
+    def run(settings):
+        raise PermissionError(13, "Permission denied", f"{settings.out}/run.json")
+
+    monkeypatch.setattr(demo, "run", run)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--quick", "--out", str(tmp_path)])
+    assert str(exc.value) == f"erc-verl demo: Permission denied: {tmp_path}/run.json"
