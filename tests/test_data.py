@@ -14,7 +14,15 @@ import pytest
 from erc_verl import data as D
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_AIME = REPO.parent / "shared" / "data" / "aime2024.jsonl"
+# The first row of a verl math RL set (AIME 2024, as the reference recipes' data ships it): the format we match.
+REFERENCE_ROW = {
+    "data_source": "math_longcot_math_verify",
+    "prompt": [{"content": "Find the largest possible real part of \\[(75+117i)z+\\frac{96+144i}{z}\\]where $z$ is a "
+                           "complex number with $|z|=4$.", "role": "user"}],
+    "ability": "MATH",
+    "reward_model": {"ground_truth": "540", "style": "rule-lighteval/MATH_v2"},
+    "__index_level_0__": 7.0,
+}
 
 QA = [
     {"problem": "What is $1+1$?", "answer": "2", "id": 1},
@@ -244,10 +252,8 @@ def test_cli_runs_as_a_script(tmp_path):
 # ----------------------------------------------------------------------------- verl compatibility
 
 
-def test_matches_shared_reference_row_format():
-    if not SHARED_AIME.exists():
-        pytest.skip(f"reference rows not present at {SHARED_AIME}")
-    ref = json.loads(SHARED_AIME.read_text().splitlines()[0])
+def test_matches_reference_row_format():
+    ref = REFERENCE_ROW
     rows, _ = D.build_rows([ref], "aime2024", "test")
     ours = rows[0]
     # Every field verl reads from the reference row is present with the same shape and types.
