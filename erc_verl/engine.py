@@ -21,6 +21,7 @@ engine no longer reads the micro-batch keys this relies on.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 from packaging.version import Version
@@ -84,8 +85,30 @@ def _read_only_entropy(logits: torch.Tensor, chunk_size: int | None = None) -> t
     return entropy_from_logits_no_grad(logits)
 
 
-def enable_detached_entropy(engine) -> None:
-    """Make this engine instance add a graph-free ``entropy`` to update micro-batches flagged by the trainer."""
+@contextmanager
+def _gate_entropy_function(engine, output):
+    """While active, the engine computes entropy with the gate's function: the read-only float32 one, or
+    verl's own where verl compiled it (a fused pass already). Both ERC passes use this, so rho compares
+    entropies computed the same way."""
+    verl_entropy = engine.compute_entropy_from_logits
+    logits = getattr(output, "logits", None)  # None with fused kernels, which return the entropy themselves
+    compiled = engine.engine_config.use_torch_compile and logits is not None and logits.device.type != "cpu"
+    engine.compute_entropy_from_logits = verl_entropy if compiled else _read_only_entropy
+    try:
+        yield
+    finally:
+        engine.compute_entropy_from_logits = verl_entropy
+
+
+def enable_detached_entropy(engine, gate_entropy_for_old_policy: bool = True) -> None:
+    """Make this engine instance add a graph-free ``entropy`` to update micro-batches flagged by the trainer.
+
+    ``gate_entropy_for_old_policy``: also compute the old-policy entropy (verl's ``compute_log_prob``,
+    a no-grad pass asking for entropy) with the gate's function. Without it the old entropy would come from
+    verl's function in the logits' dtype (bf16 under FSDP mixed precision) and the current one in float32,
+    and for confident tokens (H ~ 1e-3) bf16 rounding alone moves rho far outside (0.95, 1.05). Pass False
+    only when the update uses verl's graph entropy (``entropy_coeff != 0``), so that both sides are verl's.
+    """
     check_verl_version()
     check_engine_contract(engine)
     verl_prepare_model_outputs = engine.prepare_model_outputs
@@ -93,18 +116,13 @@ def enable_detached_entropy(engine) -> None:
     def prepare_model_outputs(output, output_args, micro_batch: TensorDict, logits_processor_func):
         wanted = tu.get_non_tensor_data(data=micro_batch, key=DETACHED_ENTROPY_KEY, default=False)
         graph_entropy = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
+        if graph_entropy and not torch.is_grad_enabled() and gate_entropy_for_old_policy:
+            with _gate_entropy_function(engine, output):  # the old-policy pass
+                return verl_prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
         if not wanted or graph_entropy or not torch.is_grad_enabled():
             return verl_prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
-        verl_entropy = engine.compute_entropy_from_logits
-        logits = getattr(output, "logits", None)  # None with fused kernels, which return the entropy themselves
-        compiled = engine.engine_config.use_torch_compile and logits is not None and logits.device.type != "cpu"
-        engine.compute_entropy_from_logits = verl_entropy if compiled else _read_only_entropy
-        try:
-            with torch.no_grad():
-                request = _entropy_only(micro_batch)
-                entropy = verl_prepare_model_outputs(output, output_args, request, None)["entropy"]
-        finally:
-            engine.compute_entropy_from_logits = verl_entropy
+        with _gate_entropy_function(engine, output), torch.no_grad():
+            entropy = verl_prepare_model_outputs(output, output_args, _entropy_only(micro_batch), None)["entropy"]
         model_output = verl_prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
         # detach: with fused kernels the entropy is a view of the forward's output, and views taken under
         # no_grad still report requires_grad

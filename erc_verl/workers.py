@@ -42,7 +42,8 @@ class ERCActorWorkerMixin:
         self.loss_fn = partial(ppo_loss_with_entropy, config=stock_loss.keywords["config"])
         self.actor.set_loss_fn(self.loss_fn)
         if is_erc_loss_mode(self.config.actor.policy_loss.get("loss_mode")):
-            enable_detached_entropy(self.actor.engine)
+            # with an entropy bonus the update takes verl's graph entropy; the old pass must then be verl's too
+            enable_detached_entropy(self.actor.engine, gate_entropy_for_old_policy=self.config.actor.entropy_coeff == 0)
 
 
 @lru_cache(maxsize=None)

@@ -60,6 +60,32 @@ def test_detached_entropy_matches_verl_entropy_without_graph(engine_overrides):
     assert graph["inplace_backward"] is False and seam["inplace_backward"] is True
 
 
+def old_policy_entropy(engine, td):
+    """verl's compute_log_prob pass: forward only, no grad, entropy requested."""
+    td = td.copy()
+    tu.assign_non_tensor(td, calculate_entropy=True)
+    with torch.no_grad(), engine_on_cpu():
+        _, out = engine.forward_step(td, loss_function=None, forward_only=True)
+    return out["model_output"]["entropy"]
+
+
+@pytest.mark.parametrize("gate_entropy_for_old_policy", [True, False])
+def test_old_and_current_entropy_are_computed_alike_under_bf16(gate_entropy_for_old_policy):
+    """On-policy (same weights, same tokens) the ERC ratio must be exactly 1. Under FSDP mixed precision the
+    logits are bf16; verl's entropy in bf16 against the seam's float32 one put rho anywhere in 0.6..9 in a
+    real CPU run. With the gate's function on both passes they agree bit for bit; without it they do not."""
+    model, td = tiny_qwen2(vocab_size=512, hidden_size=64), update_batch(seed=6, vocab_size=512)
+    engine = cpu_lm_engine(model)
+    engine._autocast_dtype = torch.bfloat16
+    enable_detached_entropy(engine, gate_entropy_for_old_policy=gate_entropy_for_old_policy)
+    old = old_policy_entropy(engine, td).values()
+    current = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})["entropy"].values()
+    if gate_entropy_for_old_policy:
+        torch.testing.assert_close(current, old, rtol=0, atol=0)
+    else:  # the mismatch the flag exists for: bf16 entropy vs float32 entropy of the same logits
+        assert old.dtype == torch.bfloat16 and not torch.equal(current, old.float())
+
+
 def test_detached_entropy_at_sampling_temperature_matches_verl():
     """verl scales the logits by the rollout temperature before entropy and log-probs; so does the seam's pass."""
     model, td = tiny_qwen2(), update_batch(seed=4)
