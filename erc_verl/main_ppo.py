@@ -55,13 +55,20 @@ def _erc_task_runner_v0():
     return ERCTaskRunnerV0
 
 
-def run(config) -> None:
-    """Check on the driver (erc_verl.preflight: ERC keys, local paths, verl's validate_config, then ERC's),
-    then start Ray; the GPU count is checked right after ray.init, before the task runner starts."""
+def prepare_on_driver(config) -> None:
+    """Everything a launch does on the driver before Ray starts; ``--cfg job`` (ERC_DRY_RUN=1) runs it too.
+
+    Checks (erc_verl.preflight: ERC keys, local paths, verl's validate_config, then ERC's) and CPU mode's settings.
+    """
     check_verl_version()  # before Ray starts, not only in the workers
     if cpu_mode_selected():
         print("erc-verl CPU mode (VERL_PLATFORM=cpu) sets: " + ", ".join(apply_cpu_mode(config)), flush=True)
     check_config(config)
+
+
+def run(config) -> None:
+    """prepare_on_driver, then start Ray; the GPU count is checked right after ray.init, before the task runner."""
+    prepare_on_driver(config)
     runner = ERCTaskRunnerV1 if config.trainer.use_v1 else _erc_task_runner_v0()
     run_ppo(config, task_runner_class=GPUCheckedRunner(runner, config))
 
@@ -74,7 +81,7 @@ def hydra_main(config):
 
 def main():
     """The command line: config mistakes are refused as one line (exit 2) before Ray starts, ``--cfg job`` included."""
-    launch(hydra_main)
+    launch(hydra_main, check=prepare_on_driver)
 
 
 if __name__ == "__main__":

@@ -342,13 +342,18 @@ class GPUCheckedRunner:
 # --------------------------------------------------------------------------- the command line
 
 
-def launch(hydra_main: Callable[[], Any], argv: Optional[Sequence[str]] = None, config_name: str = CONFIG_NAME) -> None:
+def launch(
+    hydra_main: Callable[[], Any],
+    check: Callable[[Any], None] = check_config,
+    argv: Optional[Sequence[str]] = None,
+    config_name: str = CONFIG_NAME,
+) -> None:
     """Run ``hydra_main`` (a ``@hydra.main`` function) after composing the command line's config ourselves.
 
     Composition mistakes are refused as one line in every mode; ``--cfg job`` / ``--cfg all`` (the recipes'
-    ERC_DRY_RUN=1) also run :func:`check_config` before Hydra prints the config. A real run is checked inside
-    ``hydra_main`` (erc_verl.main_ppo.run). ``--help``, ``--multirun`` and the like, and ``--config-path`` /
-    ``--config-dir`` (another config tree), go to Hydra unchanged.
+    ERC_DRY_RUN=1) also run ``check`` (what the launch runs on the driver) before Hydra prints the config. A
+    real run is checked inside ``hydra_main`` (erc_verl.main_ppo.run). ``--help``, ``--multirun`` and the like,
+    and ``--config-path`` / ``--config-dir`` (another config tree), go to Hydra unchanged.
     """
     from hydra._internal.utils import get_args_parser  # the parser @hydra.main itself uses (Hydra 1.3)
 
@@ -359,5 +364,5 @@ def launch(hydra_main: Callable[[], Any], argv: Optional[Sequence[str]] = None, 
             config = compose(args.overrides, config_name=args.config_name or config_name)
             if args.cfg in ("job", "all"):
                 with contextlib.redirect_stdout(sys.stderr):  # verl's notices; stdout is the config
-                    check_config(config)
+                    check(config)
     hydra_main()

@@ -320,5 +320,16 @@ def test_dry_run_prints_only_verl_s_validation_notices_before_the_config(tmp_pat
     lines = out.stdout.splitlines()
     first_useful = next(i for i, line in enumerate(lines) if not line.startswith((" ", "/")) and ":" in line
                         and line.split(":")[0] in ("model_engine", "actor_rollout_ref"))
-    before = [line for line in lines[:first_useful] if "Disabled critic" not in line and "validate_config(" not in line]
+    # verl's validation notice for GRPO (no critic), with the source line Python's warnings echo under it
+    before = [line for line in lines[:first_useful] if "Disabled critic" not in line and not line.startswith(" ")]
     assert before == ["[validate_config] All configuration checks passed successfully!"], lines[:first_useful]
+
+
+@pytest.mark.integration
+def test_dry_run_runs_the_launch_s_cpu_mode_refusals_too(tmp_path):
+    """`--cfg job` goes through the same driver steps as a launch, CPU mode's included."""
+    out, seconds = run_cli([sys.executable, "-m", "erc_verl.main_ppo", *valid_overrides(tmp_path),
+                            f"{ACTOR}.strategy=fsdp", "--cfg", "job"], cwd=tmp_path, env={"VERL_PLATFORM": "cpu"})
+    assert_refused_before_ray(out, seconds, (
+        f"{ACTOR}.strategy='fsdp': CPU mode (VERL_PLATFORM=cpu) runs FSDP2 only (FSDP1 needs a GPU to sync module "
+        f"states); set {ACTOR}.strategy=fsdp2."))
