@@ -35,6 +35,17 @@ class ERCTaskRunnerV1(TaskRunnerV1.__ray_actor_class__):
         with erc_trainer_registered(config.trainer.v1.trainer_mode):
             return super().run(config)
 
+    def init_agent_loop_manager(self):
+        """verl calls this between building the trainer and ``fit``: say what was built, in one line, so an
+        ERC run and its baseline can be seen to run the same trainer mode and replay buffer."""
+        super().init_agent_loop_manager()
+        trainer = self.trainer
+        print(
+            f"erc-verl: trainer={type(trainer).__name__} trainer_mode={trainer.trainer_mode} "
+            f"replay_buffer={type(trainer.replay_buffer).__name__}",
+            flush=True,
+        )
+
 
 def _erc_task_runner_v0():
     from verl.trainer import main_ppo_v0
@@ -46,10 +57,18 @@ def _erc_task_runner_v0():
     @ray.remote
     class ERCTaskRunnerV0(main_ppo_v0.TaskRunner.__ray_actor_class__):
         """verl 0.9's legacy task runner builds ``RayPPOTrainer`` by name; in this (dedicated) actor process,
-        that name is the ERC trainer."""
+        that name is the ERC trainer.
+
+        The name is rebound in the globals verl's ``run`` executes with, not in the module: verl's runner
+        class is not importable by name (that name is Ray's wrapper), so Ray ships it by value, with its own
+        copy of the globals, and a module attribute set here would never be seen (ERC then ran as plain
+        verl and the ERC loss refused to run without entropies)."""
 
         def run(self, config):
-            main_ppo_v0.RayPPOTrainer = ERCRayPPOTrainer
+            verl_globals = super().run.__func__.__globals__
+            if verl_globals.get("RayPPOTrainer") not in (RayPPOTrainer, ERCRayPPOTrainer):
+                raise RuntimeError("verl's legacy TaskRunner.run no longer builds RayPPOTrainer; update erc_verl/main_ppo.py.")
+            verl_globals["RayPPOTrainer"] = ERCRayPPOTrainer
             return super().run(config)
 
     return ERCTaskRunnerV0

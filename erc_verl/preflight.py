@@ -314,6 +314,16 @@ def check_gpu_count(config, resources: Optional[dict] = None) -> None:
         resources = ray.cluster_resources()
     nnodes, per_node = config.trainer.nnodes, config.trainer.n_gpus_per_node
     have = resources.get("GPU", 0)
+    rollout = config.actor_rollout_ref.rollout
+    if config.trainer.get("use_v1", True) and config.trainer.v1.trainer_mode == "separate_async":
+        # separate_async runs the rollout on its own pool as well (verl's trainer_separate_async.py)
+        need = nnodes * per_node + rollout.nnodes * rollout.n_gpus_per_node
+        if have < need:
+            raise ConfigError(
+                f"trainer.v1.trainer_mode=separate_async needs trainer.nnodes * trainer.n_gpus_per_node + "
+                f"actor_rollout_ref.rollout.nnodes * actor_rollout_ref.rollout.n_gpus_per_node = {need} GPUs, but the "
+                f"Ray cluster has {have:g}; lower those settings or join more nodes to the cluster"
+            )
     if have < nnodes * per_node:
         raise ConfigError(
             f"trainer.nnodes * trainer.n_gpus_per_node = {nnodes} * {per_node} = {nnodes * per_node} GPUs, but the Ray "

