@@ -31,7 +31,10 @@ def apply_cpu_mode(config: DictConfig) -> list[str]:
     """Set what CPU mode needs in ``config`` (in place); returns ``key=value`` for what changed.
 
     Refuses (``ConfigError``) what CPU mode cannot run and is the user's choice to change."""
-    for key in ("actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy"):
+    keys = ["actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy"]
+    if _critic_used(config):  # verl's critic defaults to strategy=fsdp, unlike the ref it does not follow the actor
+        keys.append("critic.strategy")
+    for key in keys:
         if _get(config, key) not in (None, "fsdp2"):
             raise ConfigError(
                 f"{key}={_get(config, key)!r}: CPU mode (VERL_PLATFORM=cpu) runs FSDP2 only (FSDP1 needs a GPU to "
@@ -58,6 +61,17 @@ def apply_cpu_mode(config: DictConfig) -> list[str]:
             ray_init.num_cpus = RAY_BASE_CPUS + RAY_CPUS_PER_GPU * gpus
             changed.append(f"ray_kwargs.ray_init.num_cpus={ray_init.num_cpus} (logical)")
     return changed
+
+
+def _critic_used(config: DictConfig) -> bool:
+    """verl's own rule (``critic.enable``, else GAE), without the warning it emits when the answer is no."""
+    import warnings
+
+    from verl.trainer.ppo.utils import need_critic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return need_critic(config)
 
 
 def _get(config: DictConfig, dotted: str):
