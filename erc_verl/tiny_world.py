@@ -21,8 +21,10 @@ import torch
 
 from erc_verl.data import make_row, write_parquet
 from erc_verl.demo_task import (
+    BOXED_OPEN,
     DATA_SOURCE,
     MAX_RESPONSE_LEN,
+    PAD,
     PROMPT_LEN,
     build_policy,
     build_tokenizer,
@@ -34,7 +36,10 @@ from erc_verl.demo_task import (
 CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
 # verl's agent loop picks its Qwen token builder from model_type=qwen2, which needs these two tokens
 # (ChatML turn end and a one-token newline); the arithmetic task itself never uses them.
-QWEN_TOKENS = ("\n",)
+# transformers 5 loads any qwen2 checkpoint's tokenizer as Qwen2Tokenizer, with Qwen's byte-level
+# pre-tokenizer instead of the saved one, which drops `\boxed{`; as an added token (same id) it is
+# matched before pre-tokenization, so verl and vLLM encode the task as the warm-up did.
+QWEN_TOKENS = ("\n", BOXED_OPEN)
 QWEN_SPECIAL_TOKENS = ("<|im_end|>",)
 # vLLM and verl size buffers from max_position_embeddings; leave room above prompt + response.
 MAX_POSITIONS = 64
@@ -65,6 +70,7 @@ def write_tiny_world(
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.add_tokens(list(QWEN_TOKENS))
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    tokenizer.unk_token = PAD  # the vocabulary's own unknown token; else Qwen2Tokenizer adds <|endoftext|> past it
     model = build_policy(vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=layers, tokenizer=tokenizer)
     warm_up(model, tokenizer, rng, steps=warmup_steps)
     model.config.max_position_embeddings = MAX_POSITIONS
