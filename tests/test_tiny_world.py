@@ -15,8 +15,18 @@ from erc_verl.tiny_world import TinyWorld, write_tiny_world
 TRAIN_PROMPTS, VAL_PROMPTS = 128, 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The model is tiny: one thread warms it up in seconds, while two threads on a machine busy with
+    other work spin against each other (measured 15-25x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> TinyWorld:
+def world(tmp_path_factory, one_torch_thread) -> TinyWorld:
     """The default warm-up (150 steps, a few seconds on CPU), written once for the module."""
     return write_tiny_world(str(tmp_path_factory.mktemp("tiny_world")), train_prompts=TRAIN_PROMPTS,
                             val_prompts=VAL_PROMPTS)
