@@ -20,7 +20,7 @@ from erc_verl.configs import CONFIG_DIR
 from erc_verl.cpu.platform import cpu_mode_selected
 from erc_verl.cpu.settings import apply_cpu_mode
 from erc_verl.engine import check_verl_version
-from erc_verl.preflight import GPUCheckedRunner, check_config, launch, refusing_config_errors
+from erc_verl.preflight import GPUCheckedRunner, check_sizes, check_config, launch, refusing_config_errors
 from erc_verl.trainer import ERCRayPPOTrainer, erc_trainer_registered, plugin_actor_loss_enabled
 
 
@@ -80,6 +80,7 @@ def prepare_on_driver(config) -> None:
     Checks (erc_verl.preflight: ERC keys, local paths, verl's validate_config, then ERC's) and CPU mode's settings.
     """
     check_verl_version()  # before Ray starts, not only in the workers
+    check_sizes(config)  # CPU mode's settings count GPUs from these
     if cpu_mode_selected():
         print("erc-verl CPU mode (VERL_PLATFORM=cpu) sets: " + ", ".join(apply_cpu_mode(config)), flush=True)
     check_config(config)

@@ -248,7 +248,7 @@ def check_model_path(config) -> None:
         )
 
 
-def _check_sizes(config) -> None:
+def check_sizes(config) -> None:
     from omegaconf import OmegaConf
 
     for key in ("nnodes", "n_gpus_per_node"):
@@ -297,7 +297,7 @@ def _verl_checks(config) -> None:
 def check_config(config) -> None:
     """Everything a launch checks on the driver before Ray starts (the GPU count comes after ray.init)."""
     check_erc_keys(config.actor_rollout_ref.actor)
-    _check_sizes(config)
+    check_sizes(config)
     check_model_path(config)  # before verl's checks, which would try a missing local path as a hub id
     _verl_checks(config)
     check_data_files(config)
@@ -306,30 +306,44 @@ def check_config(config) -> None:
 # --------------------------------------------------------------------------- after ray.init
 
 
+def required_gpus(config) -> dict[str, tuple[int, int]]:
+    """``{"<nnodes key> * <n_gpus_per_node key>": (nnodes, n_gpus_per_node)}`` for every resource pool verl 0.9's
+    V1 trainer builds (``_init_resource_pool_mgr``): the global pool, the rollout's own pool in separate_async,
+    a reward-model pool, a distillation teacher pool."""
+    from verl.trainer.distillation import is_distillation_enabled
+
+    trainer = config.trainer
+    pools = {"trainer.nnodes * trainer.n_gpus_per_node": (trainer.nnodes, trainer.n_gpus_per_node)}
+    if trainer.get("use_v1", True) and trainer.v1.trainer_mode == "separate_async":
+        rollout = config.actor_rollout_ref.rollout
+        pools["actor_rollout_ref.rollout.nnodes * .n_gpus_per_node"] = (rollout.nnodes, rollout.n_gpus_per_node)
+    reward_model = config.reward.reward_model
+    if reward_model.get("enable_resource_pool", False):
+        pools["reward.reward_model.nnodes * .n_gpus_per_node"] = (reward_model.nnodes, reward_model.n_gpus_per_node)
+    distillation = config.get("distillation")
+    if is_distillation_enabled(distillation):
+        pools["distillation.nnodes * .n_gpus_per_node"] = (distillation.nnodes, distillation.n_gpus_per_node)
+    return pools
+
+
+def total_gpus(config) -> int:
+    return sum(nodes * per_node for nodes, per_node in required_gpus(config).values())
+
+
 def check_gpu_count(config, resources: Optional[dict] = None) -> None:
-    """The Ray cluster has ``trainer.nnodes * trainer.n_gpus_per_node`` GPUs (logical ones on the CPU platform)."""
+    """The Ray cluster has the GPUs of every resource pool (logical ones on the CPU platform)."""
     if resources is None:
         import ray
 
         resources = ray.cluster_resources()
-    nnodes, per_node = config.trainer.nnodes, config.trainer.n_gpus_per_node
-    have = resources.get("GPU", 0)
-    rollout = config.actor_rollout_ref.rollout
-    if config.trainer.get("use_v1", True) and config.trainer.v1.trainer_mode == "separate_async":
-        # separate_async runs the rollout on its own pool as well (verl's trainer_separate_async.py)
-        need = nnodes * per_node + rollout.nnodes * rollout.n_gpus_per_node
-        if have < need:
-            raise ConfigError(
-                f"trainer.v1.trainer_mode=separate_async needs trainer.nnodes * trainer.n_gpus_per_node + "
-                f"actor_rollout_ref.rollout.nnodes * actor_rollout_ref.rollout.n_gpus_per_node = {need} GPUs, but the "
-                f"Ray cluster has {have:g}; lower those settings or join more nodes to the cluster"
-            )
-    if have < nnodes * per_node:
+    need, have = total_gpus(config), resources.get("GPU", 0)
+    if have < need:
+        asked = " + ".join(f"{name} = {nodes} * {per} = {nodes * per}" if len(required_gpus(config)) > 1
+                           else f"{name} = {nodes} * {per}" for name, (nodes, per) in required_gpus(config).items())
         raise ConfigError(
-            f"trainer.nnodes * trainer.n_gpus_per_node = {nnodes} * {per_node} = {nnodes * per_node} GPUs, but the Ray "
-            f"cluster has {have:g}; set trainer.n_gpus_per_node= and trainer.nnodes= (recipes: GPUS_PER_NODE=, "
-            "NNODES=) to the GPUs you have, or join more nodes to the cluster (with VERL_PLATFORM=cpu the GPUs are "
-            "the logical ray_kwargs.ray_init.num_gpus)"
+            f"{asked} = {need} GPUs, but the Ray cluster has {have:g}; set trainer.n_gpus_per_node= and "
+            "trainer.nnodes= (recipes: GPUS_PER_NODE=, NNODES=) to the GPUs you have, or join more nodes to the "
+            "cluster (with VERL_PLATFORM=cpu the GPUs are the logical ray_kwargs.ray_init.num_gpus)"
         )
 
 

@@ -72,7 +72,12 @@ def write_tiny_world(
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
     tokenizer.unk_token = PAD  # the vocabulary's own unknown token; else Qwen2Tokenizer adds <|endoftext|> past it
     model = build_policy(vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=layers, tokenizer=tokenizer)
-    warm_up(model, tokenizer, rng, steps=warmup_steps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend with other work on the cores
+    try:
+        warm_up(model, tokenizer, rng, steps=warmup_steps)
+    finally:
+        torch.set_num_threads(threads)
     model.config.max_position_embeddings = MAX_POSITIONS
     model.config.use_cache = True
     model.generation_config.pad_token_id = tokenizer.pad_token_id

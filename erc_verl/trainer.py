@@ -1,6 +1,6 @@
 """Trainer-side ERC plumbing for verl 0.9: the V1 trainers (default) and the legacy V0 ``RayPPOTrainer``.
 
-Three small overrides, active only when the actor's loss is an ERC loss:
+Three small overrides, active only when the actor's loss is an ERC loss (the first also with positive_nll_coeff > 0):
 - actor workers are verl's chosen class with ``ERCActorWorkerMixin`` in front (ERC actor loss +
   graph-free current entropy); also for a non-ERC loss with ``positive_nll_coeff > 0`` (the plugin's actor loss
   adds that term);

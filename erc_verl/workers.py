@@ -30,7 +30,7 @@ class ERCActorWorkerMixin:
             return
         if self.distillation_enabled:
             raise ValueError(
-                "ERC losses and positive_nll_coeff > 0 do not support distillation; disable `distillation`, "
+                "ERC losses and positive_nll_coeff > 0 do not support distillation; set distillation.enabled=False, "
                 "or pick a non-ERC loss with positive_nll_coeff=0."
             )
         stock_loss = self.loss_fn
@@ -42,8 +42,10 @@ class ERCActorWorkerMixin:
         self.loss_fn = partial(ppo_loss_with_entropy, config=stock_loss.keywords["config"])
         self.actor.set_loss_fn(self.loss_fn)
         if is_erc_loss_mode(self.config.actor.policy_loss.get("loss_mode")):
-            # with an entropy bonus the update takes verl's graph entropy; the old pass must then be verl's too
-            enable_detached_entropy(self.actor.engine, gate_entropy_for_old_policy=self.config.actor.entropy_coeff == 0)
+            # verl's trainers ask the update for graph entropy when `calculate_entropy or entropy_coeff != 0`; the
+            # update then uses verl's entropy function, and the old-policy pass must use the same one
+            graph_entropy = self.config.actor.get("calculate_entropy", False) or self.config.actor.entropy_coeff != 0
+            enable_detached_entropy(self.actor.engine, gate_entropy_for_old_policy=not graph_entropy)
 
 
 @lru_cache(maxsize=None)

@@ -82,7 +82,9 @@ def vllm_reload_weights_on_cpu() -> None:
         return
 
     def update_weights_from_ipc(self, peft_config=None, base_sync_done=False, use_shm=False):
-        if peft_config or self._is_qat_model or self._is_modelopt_qat:
+        from verl.utils.vllm.vllm_quant_utils import is_quantized_model
+
+        if peft_config or self._is_qat_model or self._is_modelopt_qat or is_quantized_model(self.model_runner.vllm_config):
             raise CPUModeUnsupported("CPU mode syncs plain weights only: LoRA and quantised rollouts are not supported.")
         weights: list = []
 

@@ -6,9 +6,10 @@ in one line. Sizes (batch, lengths, worker counts) stay the user's.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from erc_verl.errors import ConfigError
+from erc_verl.preflight import total_gpus
 
 # key -> value; each needed by vLLM's CPU backend or by verl on a machine without GPUs
 REQUIRED = {
@@ -35,9 +36,9 @@ def apply_cpu_mode(config: DictConfig) -> list[str]:
     if _critic_used(config):  # verl's critic defaults to strategy=fsdp, unlike the ref it does not follow the actor
         keys.append("critic.strategy")
     for key in keys:
-        if _get(config, key) not in (None, "fsdp2"):
+        if OmegaConf.select(config, key) not in (None, "fsdp2"):
             raise ConfigError(
-                f"{key}={_get(config, key)!r}: CPU mode (VERL_PLATFORM=cpu) runs FSDP2 only (FSDP1 needs a GPU to "
+                f"{key}={OmegaConf.select(config, key)!r}: CPU mode (VERL_PLATFORM=cpu) runs FSDP2 only (FSDP1 needs a GPU to "
                 f"sync module states); set {key}=fsdp2."
             )
     if config.trainer.get("use_v1", True) and config.trainer.v1.trainer_mode == "separate_async":
@@ -46,13 +47,16 @@ def apply_cpu_mode(config: DictConfig) -> list[str]:
             "from the actor's pool to the rollout's through a collective checkpoint engine (nccl, nixl, mooncake; "
             "verl refuses `naive` there) and none runs on CPU. Use trainer.v1.trainer_mode=sync or colocate_async."
         )
+    required = dict(REQUIRED)
+    if _critic_used(config):  # the critic loads its own model, with verl's flash-attention default too
+        required["critic.model.override_config.attn_implementation"] = "sdpa"
     changed = []
     with open_dict(config):
-        for key, value in REQUIRED.items():
-            if _get(config, key) != value:
-                _set(config, key, value)
+        for key, value in required.items():
+            if OmegaConf.select(config, key) != value:
+                OmegaConf.update(config, key, value, force_add=True)
                 changed.append(f"{key}={value}")
-        gpus = int(config.trainer.nnodes) * int(config.trainer.n_gpus_per_node)
+        gpus = total_gpus(config)
         ray_init = config.ray_kwargs.ray_init
         if ray_init.get("num_gpus") is None:
             ray_init.num_gpus = gpus
@@ -72,20 +76,3 @@ def _critic_used(config: DictConfig) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return need_critic(config)
-
-
-def _get(config: DictConfig, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node.get(part) if node is not None else None
-    return node
-
-
-def _set(config: DictConfig, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = config
-    for part in parents:
-        if node.get(part) is None:
-            node[part] = {}
-        node = node[part]
-    node[leaf] = value

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
+import types
 import threading
 import uuid
 from types import SimpleNamespace
@@ -135,6 +136,7 @@ class _RecordingRunner:
 
         self._signature = inspect.signature(GPUModelRunner.reload_weights)
         self.calls = []
+        self.vllm_config = types.SimpleNamespace(quant_config=None)  # an unquantised model (no fp8 config)
 
     def reload_weights(self, *args, **kwargs):
         bound = self._signature.bind(self, *args, **kwargs)

@@ -12,14 +12,15 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_training
+from e2e_harness import REPO, run_training
+
+from erc_verl.gate import ERC_EXTREME_METRICS, ERC_TOKEN_MEAN_METRICS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 TIGHT_BAND = ["actor_rollout_ref.actor.entropy_mask_low=0.995", "actor_rollout_ref.actor.entropy_mask_high=1.002"]
-ERC_KEYS = ("actor/erc_clipfrac", "actor/erc_clipfrac_upper", "actor/erc_clipfrac_lower",
-            "actor/entropy_ratio_mean", "actor/entropy_ratio_std", "actor/entropy_ratio_min",
-            "actor/entropy_ratio_max")
+ERC_KEYS = ERC_TOKEN_MEAN_METRICS + ERC_EXTREME_METRICS
+POSITIVE_NLL = ["actor_rollout_ref.actor.positive_nll_coeff=0.1"]
 
 
 def main_ppo(world, *overrides: str) -> list[str]:
@@ -62,6 +63,14 @@ def check_learning_signal(run) -> None:
     grad_norms = [step["actor/grad_norm"] for step in run.steps]
     assert any(g > 0 for g in grad_norms), f"{run.name}: every grad_norm is 0 ({grad_norms}): no reward signal"
     assert all(math.isfinite(g) for g in grad_norms)
+    # vLLM samples with the weights the actor trained: after step 1's update and weight sync, its token
+    # probabilities still match the actor's (0.006 measured; a skipped sync or a wrong layout is far off)
+    assert run.steps[-1]["training/rollout_probs_diff_max"] < 0.05
+
+
+def check_positive_nll(run) -> None:
+    values = [step["actor/positive_nll_loss"] for step in run.steps]
+    assert all(math.isfinite(v) and v >= 0 for v in values) and any(v > 0 for v in values), values
 
 
 def check_erc_acted(run) -> None:
@@ -140,17 +149,19 @@ def test_old_entropy_is_the_one_compute_log_prob_made(grpo_erc_run):
 
 def test_gppo_erc_trains_and_gates(tiny_world, workdir):
     run = run_training("gppo_erc_sync", main_ppo(
-        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=gppo_erc", *TIGHT_BAND), workdir)
+        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=gppo_erc", *TIGHT_BAND, *POSITIVE_NLL), workdir)
     check_learning_signal(run)
     check_erc_acted(run)
+    check_positive_nll(run)  # the scores reach the update batch through TransferQueue (V1)
 
 
 def test_grpo_erc_on_verls_legacy_trainer(tiny_world, workdir):
     run = run_training("grpo_erc_v0", main_ppo(
-        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc", *TIGHT_BAND, "trainer.use_v1=False"),
-        workdir)
+        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc", *TIGHT_BAND, *POSITIVE_NLL,
+        "trainer.use_v1=False"), workdir)
     check_learning_signal(run)
     check_erc_acted(run)
+    check_positive_nll(run)  # ... and through verl's DataProto (V0)
 
 
 @pytest.fixture(scope="module")
