@@ -64,8 +64,11 @@ def check_learning_signal(run) -> None:
     assert any(g > 0 for g in grad_norms), f"{run.name}: every grad_norm is 0 ({grad_norms}): no reward signal"
     assert all(math.isfinite(g) for g in grad_norms)
     # vLLM samples with the weights the actor trained: after step 1's update and weight sync, its token
-    # probabilities still match the actor's (0.006 measured; a skipped sync or a wrong layout is far off)
-    assert run.steps[-1]["training/rollout_probs_diff_max"] < 0.05
+    # probabilities match the actor's (0.005-0.006 measured; a skipped sync or a wrong layout is far off).
+    # Async trainers may roll out with the previous weights on purpose (staleness 1: 0.23 measured).
+    last = run.steps[-1]
+    if last.get("training/off_policy/trajectory_staleness/max", 0) == 0:
+        assert last["training/rollout_probs_diff_max"] < 0.05
 
 
 def check_positive_nll(run) -> None:
