@@ -5,7 +5,7 @@
 template) and verl-format parquet files. The warm-up matters: a random model never earns the math
 reward, so every advantage, and every gradient, would be zero and a run would prove nothing.
 
-    python -m erc_verl.tiny_world --out /tmp/erc_tiny     # prints the paths it wrote
+    python -m erc_verl.tiny_world --out erc_tiny     # prints the paths it wrote
 """
 
 from __future__ import annotations
