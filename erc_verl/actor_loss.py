@@ -108,8 +108,11 @@ def positive_nll_loss(log_prob: torch.Tensor, scores: torch.Tensor, response_mas
     return nll * (log_prob.shape[0] * data["dp_size"] / data["global_batch_size"])
 
 
-def _add_positive_nll(policy_loss, metrics: dict, config: Any, model_output: dict, data: TensorDict):
-    """``policy_loss + positive_nll_coeff * positive_nll_loss``; unchanged (same objects) when the coefficient is 0."""
+def _add_positive_nll(policy_loss, metrics: dict, config: Any, model_output: dict, data: TensorDict,
+                      log_prob: Optional[torch.Tensor] = None, response_mask: Optional[torch.Tensor] = None):
+    """``policy_loss + positive_nll_coeff * positive_nll_loss``; unchanged (same objects) when the coefficient is 0.
+
+    ``log_prob`` / ``response_mask``: the padded tensors when the caller already has them (the ERC path)."""
     coeff = positive_nll_coeff(config)
     if coeff == 0:
         return policy_loss, metrics
@@ -118,9 +121,14 @@ def _add_positive_nll(policy_loss, metrics: dict, config: Any, model_output: dic
             f"positive_nll_coeff={coeff} needs each response's reward score (field {SCORE_KEY!r}) in the update "
             "batch; verl 0.9.1's reward loop writes it. Set actor_rollout_ref.actor.positive_nll_coeff=0 to run without."
         )
-    padded = data.select("response_mask", SCORE_KEY).to_padded_tensor()
-    log_prob = no_padding_2_padding(model_output["log_probs"], data)
-    term = positive_nll_loss(log_prob, padded[SCORE_KEY], padded["response_mask"].to(bool), config, data)
+    if log_prob is None:
+        padded = data.select("response_mask", SCORE_KEY).to_padded_tensor()
+        log_prob = no_padding_2_padding(model_output["log_probs"], data)
+        response_mask = padded["response_mask"].to(bool)
+        scores = padded[SCORE_KEY]
+    else:
+        scores = data.select(SCORE_KEY).to_padded_tensor()[SCORE_KEY]
+    term = positive_nll_loss(log_prob, scores, response_mask, config, data)
     metrics["actor/positive_nll_loss"] = Metric(value=term.detach(), aggregation=_metric_aggregation(config, data))
     return policy_loss + coeff * term, metrics
 
@@ -203,4 +211,4 @@ def ppo_loss_with_entropy(config: Any, model_output: dict, data: TensorDict, dp_
         metrics["kl_loss"] = Metric(value=kl_loss, aggregation=metric_aggregation)
         metrics["kl_coef"] = config.kl_loss_coef
 
-    return _add_positive_nll(policy_loss, metrics, config, model_output, data)
+    return _add_positive_nll(policy_loss, metrics, config, model_output, data, log_prob, response_mask)
