@@ -1,4 +1,4 @@
-"""The ``erc-verl`` command line: ``erc-verl demo`` (see :mod:`erc_verl.demo`)."""
+"""The ``erc-verl`` command line: ``erc-verl demo`` and ``erc-verl sweep`` (see :mod:`erc_verl.demo`)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from erc_verl import demo
+    from erc_verl.demo import demo, sweep
 
     parser = argparse.ArgumentParser(prog="erc-verl", description="Entropy Ratio Clipping (ERC) for verl.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    demo_parser = sub.add_parser(
-        "demo", help="small CPU RLVR run comparing DAPO with and without ERC", description=demo.__doc__.split("\n\n")[0]
-    )
-    demo.build_parser(demo_parser)
-    demo_parser.set_defaults(handler=lambda args: demo.run(demo.settings_from_args(args)))
+    for name, module, summary in (
+        ("demo", demo, "DAPO with and without ERC on verl's trainer, on CPU in minutes"),
+        ("sweep", sweep, "DAPO vs DAPO+ERC under growing off-policy drift, several seeds"),
+    ):
+        command = sub.add_parser(name, help=summary, description=module.__doc__.split("\n\n")[0])
+        module.build_parser(command)
+        command.set_defaults(handler=lambda args, module=module: module.run(module.settings_from_args(args)))
     return parser
 
 

@@ -2,9 +2,9 @@
 
 Same CLI as ``python -m verl.trainer.main_ppo`` (Hydra overrides, ``--cfg job``); the config is verl's
 ``ppo_trainer`` plus the ERC keys (configs/erc_ppo_trainer.yaml). With a non-ERC loss the run is
-verl's own. With an ERC loss the task runner builds the ERC trainer (erc_verl.trainer).
+verl's own. With an ERC loss the task runner builds the ERC trainer (erc_verl.seams.trainer).
 
-Before Ray starts, the driver checks the config (erc_verl.preflight): ERC key names and types, local
+Before Ray starts, the driver checks the config (erc_verl.seams.preflight): ERC key names and types, local
 data and model paths, verl's ``validate_config``, ERC's checks; ``--cfg job`` runs the same checks
 before it prints. A refusal is one line, ``erc-verl: error: <message>`` on stderr, exit status 2.
 """
@@ -17,11 +17,11 @@ import ray
 from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
 
 from erc_verl.configs import CONFIG_DIR
-from erc_verl.cpu.platform import cpu_mode_selected
-from erc_verl.cpu.settings import apply_cpu_mode
-from erc_verl.engine import check_verl_version
-from erc_verl.preflight import GPUCheckedRunner, check_sizes, check_config, launch, refusing_config_errors
-from erc_verl.trainer import ERCRayPPOTrainer, erc_trainer_registered, plugin_actor_loss_enabled
+from erc_verl.seams.cpu.platform import cpu_mode_selected
+from erc_verl.seams.cpu.settings import apply_cpu_mode
+from erc_verl.seams.engine import check_verl_version
+from erc_verl.seams.preflight import GPUCheckedRunner, check_sizes, check_config, launch, refusing_config_errors
+from erc_verl.seams.trainer import ERCRayPPOTrainer, erc_trainer_registered, plugin_actor_loss_enabled
 
 
 @ray.remote
@@ -77,7 +77,7 @@ def _erc_task_runner_v0():
 def prepare_on_driver(config) -> None:
     """Everything a launch does on the driver before Ray starts; ``--cfg job`` (ERC_DRY_RUN=1) runs it too.
 
-    Checks (erc_verl.preflight: ERC keys, local paths, verl's validate_config, then ERC's) and CPU mode's settings.
+    Checks (erc_verl.seams.preflight: ERC keys, local paths, verl's validate_config, then ERC's) and CPU mode's settings.
     """
     check_verl_version()  # before Ray starts, not only in the workers
     check_sizes(config)  # CPU mode's settings count GPUs from these

@@ -39,7 +39,7 @@ MAX_RESPONSE_LEN=${MAX_RESPONSE_LEN:-16384}         # paper: 16k responses in tr
 VAL_MAX_RESPONSE_LEN=${VAL_MAX_RESPONSE_LEN:-32768} # vLLM sized for the paper's 32k AIME eval (scripts/evaluate.py)
 # per GPU, times SP_SIZE per sequence-parallel group: one longest sequence per group (reference: (4k+16k)/4)
 MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU:-$(( (MAX_PROMPT_LEN + MAX_RESPONSE_LEN) / SP_SIZE ))}
-REWARD_FN_PATH=${REWARD_FN_PATH:-pkg://erc_verl.reward}     # verl resolves pkg:// on every node
+REWARD_FN_PATH=${REWARD_FN_PATH:-pkg://erc_verl.paper.reward}     # verl resolves pkg:// on every node
 
 COMMON_ARGS=(
   # data: 128 prompts per step, validation on AIME

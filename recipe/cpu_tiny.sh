@@ -16,10 +16,10 @@ fi
 
 TINY_DIR=${TINY_DIR:-erc_tiny}                     # the tiny world: model/, train.parquet, val.parquet
 if [[ ! -f "$TINY_DIR/model/config.json" ]]; then   # a warmed-up 2-layer Qwen2 and arithmetic data, ~10 s
-  "${PYTHON:-python3}" -m erc_verl.tiny_world --out "$TINY_DIR" >/dev/null
+  "${PYTHON:-python3}" -m erc_verl.demo.tiny_world --out "$TINY_DIR" >/dev/null
 fi
 
-export VERL_PLATFORM=cpu                            # erc-verl's CPU platform for verl (erc_verl/cpu)
+export VERL_PLATFORM=cpu                            # erc-verl's CPU platform for verl (erc_verl/seams/cpu)
 export MODEL_PATH="$TINY_DIR/model" TRAIN_FILE="$TINY_DIR/train.parquet" VAL_FILES="$TINY_DIR/val.parquet"
 export CKPT_DIR="$TINY_DIR/checkpoints"
 export NNODES=1 GPUS_PER_NODE=1 TP_SIZE=1 SP_SIZE=1 OFFLOAD=False

@@ -23,10 +23,10 @@ import os
 import sys
 
 try:
-    from erc_verl import evaluation as E
+    from erc_verl.paper import evaluation as E
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from erc_verl import evaluation as E
+    from erc_verl.paper import evaluation as E
 
 
 def _parse_run(spec: str) -> tuple[str, list[str]]:
@@ -98,7 +98,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from erc_verl.generation import generate
+    from erc_verl.paper.generation import generate
 
     generate(
         model=args.model,
@@ -121,7 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from erc_verl.generation import GenerationSetupError
+    from erc_verl.paper.generation import GenerationSetupError
 
     args = build_parser().parse_args(argv)
     try:

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     if args.max_points <= 0:
         p.error("--max-points must be positive.")
 
-    from erc_verl.plots import make_diagnostics_figures
+    from erc_verl.demo.plots import make_diagnostics_figures
 
     try:
         paths = make_diagnostics_figures(args.dirs, args.labels, args.out, erc_low=args.erc_low, erc_high=args.erc_high,

@@ -22,10 +22,10 @@ import os
 import sys
 
 try:
-    from erc_verl import data as D
+    from erc_verl.paper import data as D
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from erc_verl import data as D
+    from erc_verl.paper import data as D
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,7 +16,7 @@ RAY_DASHBOARD_HOST="${RAY_DASHBOARD_HOST:-0.0.0.0}"
 RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 RAY_NUM_CPUS="${RAY_NUM_CPUS:-}"
 RAY_NUM_GPUS="${RAY_NUM_GPUS:-}"
-ERC_PLUGIN_MODULES="${ERC_PLUGIN_MODULES:-erc_verl.losses}"
+ERC_PLUGIN_MODULES="${ERC_PLUGIN_MODULES:-erc_verl.algorithm.losses}"
 ERC_FORWARD_ENV="${ERC_FORWARD_ENV:-WANDB_API_KEY WANDB_PROJECT WANDB_ENTITY HF_TOKEN HF_HOME HF_HUB_OFFLINE HF_ENDPOINT}"
 ERC_RAY_EXCLUDES="${ERC_RAY_EXCLUDES:-.git .venv venv __pycache__ data outputs checkpoints ckpts generations wandb *.parquet *.safetensors *.pt}"
 ERC_RAY_PIP="${ERC_RAY_PIP:-}"
@@ -41,7 +41,7 @@ Environment (defaults in brackets):
   RAY_NUM_CPUS / RAY_NUM_GPUS   resources of this node [detected by Ray]
   RAY_JOB_ADDRESS  where 'submit' sends jobs [http://127.0.0.1:\$RAY_DASHBOARD_PORT]
   RAY_JOB_NO_WAIT  1 = submit and return without streaming logs [0]
-  ERC_PLUGIN_MODULES  modules verl imports in every process [erc_verl.losses]
+  ERC_PLUGIN_MODULES  modules verl imports in every process [erc_verl.algorithm.losses]
   ERC_FORWARD_ENV     variables copied into the job when set, besides every \${VAR:-...} knob
                       of recipe/*.sh (DATA_DIR, MODEL_PATH, NNODES, ...) [${ERC_FORWARD_ENV}]
   ERC_RAY_EXCLUDES    paths not uploaded with the checkout [${ERC_RAY_EXCLUDES}]

@@ -30,7 +30,7 @@ def test_cfg_job_prints_composed_config_with_erc_keys(tmp_path):
     actor = yaml.safe_load(out.stdout)["actor_rollout_ref"]["actor"]
     assert (actor["entropy_mask_low"], actor["entropy_mask_high"]) == (0.9, 1.05)
     assert actor["policy_loss"]["loss_mode"] == "gppo_erc"
-    assert actor["_target_"] == "erc_verl.config.ERCFSDPActorConfig"
+    assert actor["_target_"] == "erc_verl.algorithm.config.ERCFSDPActorConfig"
 
 
 @pytest.mark.integration
@@ -97,7 +97,7 @@ def test_erc_v1_runner_builds_the_erc_trainer_under_the_users_trainer_mode(mode,
     from verl.trainer.main_ppo import TaskRunnerV1
     from verl.trainer.ppo.v1 import get_trainer_cls
 
-    from erc_verl.trainer import ERCTrainerV1Mixin
+    from erc_verl.seams.trainer import ERCTrainerV1Mixin
 
     verl_cls = get_trainer_cls(mode)
     stock = _trainer_built_by(TaskRunnerV1, mode, monkeypatch)
@@ -114,7 +114,7 @@ def test_erc_v1_runner_builds_the_erc_trainer_under_the_users_trainer_mode(mode,
 def test_registry_override_refuses_a_verl_runner_that_picks_its_trainer_differently(monkeypatch):
     from verl.trainer.main_ppo import TaskRunnerV1
 
-    from erc_verl.trainer import erc_trainer_registered
+    from erc_verl.seams.trainer import erc_trainer_registered
 
     def run(self, config):  # a future verl that no longer looks the trainer up by trainer_mode
         return config

@@ -1,4 +1,4 @@
-"""Harness for the end-to-end tests: real training runs in a subprocess, on CPU (erc_verl.cpu).
+"""Harness for the end-to-end tests: real training runs in a subprocess, on CPU (erc_verl.seams.cpu).
 
 Each run is the user's command (``python -m erc_verl.main_ppo ...`` or ``bash recipe/cpu_tiny.sh ...``)
 with ``VERL_PLATFORM=cpu``: local Ray, FSDP2 engine workers, vLLM's CPU build, TransferQueue, verl's

@@ -14,7 +14,7 @@ import pytest
 
 from e2e_harness import REPO, run_training
 
-from erc_verl.gate import ERC_EXTREME_METRICS, ERC_TOKEN_MEAN_METRICS
+from erc_verl.algorithm.gate import ERC_EXTREME_METRICS, ERC_TOKEN_MEAN_METRICS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -45,7 +45,7 @@ def main_ppo(world, *overrides: str) -> list[str]:
         "reward.num_workers=1",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "algorithm.adv_estimator=grpo", "algorithm.use_kl_in_reward=False",
-        "reward.custom_reward_function.path=pkg://erc_verl.reward",
+        "reward.custom_reward_function.path=pkg://erc_verl.paper.reward",
         "reward.custom_reward_function.name=compute_score",
         "trainer.logger=['console','file']",
         "trainer.val_before_train=False", "trainer.test_freq=-1", "trainer.save_freq=-1",

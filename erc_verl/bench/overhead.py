@@ -1,0 +1,716 @@
+"""Cost of ERC's current-policy entropy in one actor micro-step (forward, loss, backward).
+
+Three variants run through verl's real ``FSDPEngineWithLMHead.forward_step`` (on CPU via
+``erc_verl.seams.testing.cpu_lm_engine``: verl's class around a plain module, no FSDP wrapping):
+
+  dapo           verl's ``ppo_loss`` with ``loss_mode=vanilla`` (DAPO clip-higher 0.2/0.28), no entropy
+                 (micro-batch ``calculate_entropy=False``), on a stock engine.
+  erc            ERC as the plugin runs it: ``erc_verl.seams.engine.enable_detached_entropy`` on the engine, the
+                 micro-batch flagged with ``DETACHED_ENTROPY_KEY``, ``erc_verl.seams.actor_loss.ppo_loss_with_entropy``
+                 with ``loss_mode=grpo_erc``.
+  graph_entropy  ERC with the entropy computed under autograd (what the reference does and what verl does with
+                 ``calculate_entropy=True``): stock engine, micro-batch ``calculate_entropy=True``, no detached
+                 flag, same loss (``ppo_loss_with_entropy``, ``grpo_erc``).
+
+Time: one fresh process, one shared model and micro-batch, ``--warmup`` steps per variant, then ``--reps`` rounds
+round-robin (dapo erc graph_entropy dapo erc ...); the table quotes medians. ``loss.backward()`` is inside the
+timed region, parameter ``.grad`` is reset to None outside it (as ``optimizer.zero_grad`` does).
+Memory: fresh processes (``--worker VARIANT``), ``--mem-runs`` per variant, all finished before the timing process
+starts; ratios use each variant's median peak (every run is kept in the JSON). On CPU each process
+reports ``ru_maxrss`` (its whole peak resident set, nothing subtracted) after its steps, with the RSS right after
+building model and batch beside it as ``base``. On CUDA each reports ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats`` (weights included, nothing subtracted).
+
+CPU memory: with glibc's default (dynamic) mmap threshold, freed blocks below 32 MiB stay in the heap and the
+peak RSS of identical processes differs at random (here the same variant peaked at ~2030 or ~2120 MiB, ~5%, the
+size of the 5% target). The memory processes therefore run with ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's
+initial value, pinned): every block >= 128 KiB is its own mapping and goes back to the OS when the tensor is
+freed, so peak RSS follows live tensors (identical processes then agree to ~1 MiB). That changes where memory
+comes from, not what is counted; nothing is subtracted. ``--mem-malloc default`` keeps glibc's default.
+
+CPU time: the (tokens x vocab) logits and their gradient (311 MB each at --quick) are above glibc's largest mmap
+threshold (32 MiB), so with the default allocator every step maps them afresh and the kernel faults in and zeroes
+their pages: 200k-456k page faults and 0.4-0.9 s of system time per ~1.2 s step, varying step to step (measured
+with getrusage), which made the same variant's steps differ by 15%. The timing process therefore runs with
+glibc keeping freed memory for reuse (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**40``), as CUDA's caching
+allocator does on a GPU: after warm-up the steps fault nothing and the time is the step's compute.
+``--time-malloc default`` times with glibc's default instead. Wall times on a shared CPU machine are still noisy:
+the table shows each variant's spread and process CPU time, and warns when the steps got less CPU than they asked
+for (``--threads 1 --timer cpu`` is the most contention-proof setting).
+
+The model is an HF Qwen2 with random weights built from a config (nothing downloaded) and the real 151,936-token
+vocabulary, so the (tokens x vocab) logits dominate activation memory. Input is packed exactly as verl packs it
+(``use_remove_padding=True``: ``left_right_2_no_padding`` then ``prepare_model_inputs`` -> one (1, tokens) row).
+
+Examples:
+  python scripts/bench_overhead.py --quick --json bench_quick.json
+  python scripts/bench_overhead.py --quick --sweep 256,512,1024
+  python scripts/bench_overhead.py --preset r1-distill-1.5b --device cuda --json r1.json
+  python scripts/bench_overhead.py --vocab 512 --hidden-size 32 --layers 1 --tokens 64 --reps 1 --warmup 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from functools import partial
+
+VARIANTS = ("dapo", "erc", "graph_entropy")
+REAL_VOCAB = 151_936
+WORKER_TAG = "BENCH_WORKER_RESULT "
+
+# CPU acceptance targets of the issue (defined for --quick on CPU).
+TARGET_TIME_RATIO_ERC = 1.10
+TARGET_MEM_RATIO_ERC = 1.05
+# Peak RSS of identical CPU processes (mmap threshold pinned) agrees to about 1 MiB; CUDA's allocator is exact.
+RSS_NOISE_BYTES = 2 << 20
+
+QUICK = dict(hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=512, tokens=512, seqs=4,
+             reps=5, warmup=1, mem_steps=1)
+PRESETS = {
+    # DeepSeek-R1-Distill-Qwen-1.5B shapes (config.json of the HF repo); weights stay random. bf16 parameters stand
+    # in for verl's FSDP mixed precision (bf16 compute, hence bf16 logits); gradient checkpointing as verl's actor
+    # recipes enable it, so the (tokens x vocab) logits rather than per-layer activations dominate the peak.
+    "r1-distill-1.5b": dict(hidden_size=1536, layers=28, heads=12, kv_heads=2, intermediate_size=8960,
+                            vocab=REAL_VOCAB, tokens=8192, seqs=4, rope_theta=10000.0, rms_norm_eps=1e-6,
+                            max_position_embeddings=131072, dtype="bfloat16", gradient_checkpointing=True,
+                            reps=5, warmup=2, mem_runs=1),
+}
+DEFAULTS = dict(hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=None, vocab=REAL_VOCAB,
+                tokens=512, seqs=4, response_frac=0.75, rope_theta=10000.0, rms_norm_eps=1e-6,
+                max_position_embeddings=None, dtype="float32", gradient_checkpointing=False, reps=7, warmup=2,
+                mem_steps=2, mem_runs=2, mem_jobs=None, mem_malloc="pinned", time_malloc="cached",
+                entropy_compile="auto", entropy_chunking=False, entropy_chunk_size=2048, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def resolve_config(args) -> dict:
+    """Flags < preset/--quick < explicit flags. Returns a JSON-able dict shared by driver and workers."""
+    cfg = dict(DEFAULTS)
+    if args.quick:
+        cfg.update(QUICK)
+    if args.preset:
+        cfg.update(PRESETS[args.preset])
+    for key in DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            cfg[key] = value
+    cfg["device"] = args.device
+    cfg["threads"] = args.threads
+    cfg["timer"] = args.timer or "wall"
+    if cfg["timer"] == "cpu" and cfg["device"] != "cpu":
+        raise SystemExit("--timer cpu measures host CPU time; use the default wall timer with --device cuda")
+    if cfg["mem_jobs"] is None:
+        # Memory processes may overlap on CPU (each measures only itself); on a GPU they would share the device.
+        cfg["mem_jobs"] = 1 if cfg["device"] == "cuda" else min(2, os.cpu_count() or 1)
+    if cfg["intermediate_size"] is None:
+        cfg["intermediate_size"] = 2 * cfg["hidden_size"]
+    if cfg["entropy_compile"] == "auto":
+        # verl's FSDP engine wraps its entropy function in torch.compile by default (use_torch_compile=True);
+        # do that on CUDA. On CPU (where verl's engine does not run in production) it needs inductor's C++
+        # toolchain, ~15 s of compilation per process and ~200 MiB of compiler RSS: opt in with --entropy-compile on.
+        cfg["entropy_compile"] = "on" if cfg["device"] == "cuda" else "off"
+    cfg["quick"] = bool(args.quick)
+    cfg["preset"] = args.preset
+    token_list = [int(t) for t in args.sweep.split(",")] if args.sweep else [cfg["tokens"]]
+    cfg["token_list"] = sorted(set(token_list))
+    for tokens in cfg["token_list"]:
+        if tokens % cfg["seqs"] or tokens // cfg["seqs"] < 2:
+            raise SystemExit(f"--tokens/--sweep value {tokens} must be a multiple of --seqs {cfg['seqs']} (>= 2 each)")
+    if cfg["max_position_embeddings"] is None:
+        cfg["max_position_embeddings"] = max(4096, max(cfg["token_list"]))
+    return cfg
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_model(cfg: dict):
+    """HF Qwen2ForCausalLM with random weights from a config (same recipe as erc_verl.seams.testing.tiny_qwen2)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(cfg["seed"])
+    config = Qwen2Config(
+        vocab_size=cfg["vocab"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv_heads"],
+        max_position_embeddings=cfg["max_position_embeddings"],
+        rope_theta=cfg["rope_theta"],
+        rms_norm_eps=cfg["rms_norm_eps"],
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    with torch.device(cfg["device"]):
+        model = Qwen2ForCausalLM(config)
+    model = model.to(torch_dtype(cfg["dtype"]))
+    if cfg["gradient_checkpointing"]:
+        # verl enables this for actors via actor_rollout_ref.model.enable_gradient_checkpointing (non-reentrant).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def build_batch(cfg: dict, tokens: int):
+    """A verl update micro-batch of ``seqs`` full sequences, ``tokens`` tokens in all, packed by verl's
+    ``left_right_2_no_padding`` (fields as in erc_verl.seams.testing.update_batch, but fixed lengths so the packed
+    micro-batch holds exactly ``tokens`` tokens).
+
+    old_log_probs / old_entropy are what a near-uniform random-weight policy gives (-log V, log V), jittered,
+    so the ERC gate keeps some tokens and drops others; the cost does not depend on which.
+    """
+    import math
+
+    import torch
+    from tensordict import TensorDict
+
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    seqs, vocab = cfg["seqs"], cfg["vocab"]
+    seq_len = tokens // seqs
+    response_len = min(seq_len - 1, max(1, round(seq_len * cfg["response_frac"])))
+    prompt_len = seq_len - response_len
+    g = torch.Generator().manual_seed(cfg["seed"] + tokens)
+    prompts = torch.randint(1, vocab, (seqs, prompt_len), generator=g)
+    responses = torch.randint(1, vocab, (seqs, response_len), generator=g)
+    attention_mask = torch.ones(seqs, seq_len, dtype=torch.long)
+    log_v = math.log(vocab)
+    fields = dict(
+        prompts=prompts,
+        responses=responses,
+        input_ids=torch.cat([prompts, responses], dim=1),
+        attention_mask=attention_mask,
+        position_ids=torch.arange(seq_len).expand(seqs, -1).contiguous(),
+        response_mask=torch.ones(seqs, response_len, dtype=torch.long),
+        old_log_probs=-log_v + 0.05 * torch.randn(seqs, response_len, generator=g),
+        advantages=torch.randn(seqs, 1, generator=g).expand(-1, response_len).contiguous(),
+        old_entropy=log_v * (1 + 0.05 * torch.randn(seqs, response_len, generator=g)),
+    )
+    td = left_right_2_no_padding(TensorDict(fields, batch_size=[seqs]))
+    tu.assign_non_tensor(
+        td,
+        dp_size=1,
+        batch_num_tokens=seqs * response_len,
+        global_batch_size=seqs,
+        use_remove_padding=True,
+        use_fused_kernels=False,
+        temperature=1.0,
+    )
+    assert int(td["input_ids"].offsets()[-1]) == tokens
+    return td
+
+
+def actor_config(cfg: dict, loss_mode: str):
+    common = dict(
+        ppo_mini_batch_size=cfg["seqs"],
+        ppo_micro_batch_size_per_gpu=cfg["seqs"],
+        rollout_n=1,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,  # DAPO clip-higher
+        loss_agg_mode="token-mean",
+        entropy_coeff=0.0,
+        use_kl_loss=False,
+        policy_loss={"loss_mode": loss_mode},
+    )
+    if loss_mode == "vanilla":
+        from verl.workers.config import FSDPActorConfig
+
+        return FSDPActorConfig(**common)
+    from erc_verl.algorithm.config import ERCFSDPActorConfig
+
+    return ERCFSDPActorConfig(**common, entropy_mask_low=0.95, entropy_mask_high=1.05)
+
+
+def make_engine(cfg: dict, model, *, seam: bool):
+    """verl's FSDPEngineWithLMHead (erc_verl.seams.testing.cpu_lm_engine); entropy function chosen and compiled as
+    verl's ``FSDPEngine.__init__`` does; ERC seam installed with the plugin's own ``enable_detached_entropy``."""
+    import torch
+
+    from verl.utils import torch_functional as verl_F
+
+    from erc_verl.seams.engine import enable_detached_entropy
+    from erc_verl.seams.testing import cpu_lm_engine
+
+    engine = cpu_lm_engine(model, entropy_from_logits_with_chunking=cfg["entropy_chunking"],
+                           entropy_from_logits_chunk_size=cfg["entropy_chunk_size"],
+                           use_torch_compile=cfg["entropy_compile"] == "on")
+    if cfg["entropy_compile"] == "on":
+        fn = verl_F.entropy_from_logits_with_chunking if cfg["entropy_chunking"] else verl_F.entropy_from_logits
+        engine.compute_entropy_from_logits = torch.compile(fn, dynamic=True)
+    if seam:
+        enable_detached_entropy(engine)
+    return engine
+
+
+def make_variant(cfg: dict, name: str, model, td):
+    """(engine, micro-batch, loss function) of one variant; the micro-batch is a shallow copy with its flags."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
+
+    from erc_verl.seams.actor_loss import ppo_loss_with_entropy
+    from erc_verl.seams.engine import DETACHED_ENTROPY_KEY
+
+    micro_batch = td.copy()
+    if name == "dapo":
+        engine = make_engine(cfg, model, seam=False)
+        tu.assign_non_tensor(micro_batch, calculate_entropy=False)
+        loss_fn = partial(verl_ppo_loss, config=actor_config(cfg, "vanilla"))
+    elif name == "erc":
+        engine = make_engine(cfg, model, seam=True)
+        tu.assign_non_tensor(micro_batch, calculate_entropy=False, **{DETACHED_ENTROPY_KEY: True})
+        loss_fn = partial(ppo_loss_with_entropy, config=actor_config(cfg, "grpo_erc"))
+    elif name == "graph_entropy":
+        engine = make_engine(cfg, model, seam=False)
+        tu.assign_non_tensor(micro_batch, calculate_entropy=True)
+        loss_fn = partial(ppo_loss_with_entropy, config=actor_config(cfg, "grpo_erc"))
+    else:
+        raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+    return engine, micro_batch, loss_fn
+
+
+def device_context(cfg: dict):
+    if cfg["device"] == "cpu":
+        from erc_verl.seams.testing import engine_on_cpu
+
+        return engine_on_cpu()
+    return nullcontext()
+
+
+def synchronize(cfg: dict) -> None:
+    if cfg["device"] == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def micro_step(cfg: dict, model, engine, micro_batch, loss_fn) -> tuple[float, float]:
+    """One actor micro-step as verl's forward_backward_batch runs it: forward_step (model, outputs, loss), backward.
+
+    Returns (wall seconds, process CPU seconds). CPU time is what the step cost this process's threads and is far
+    less sensitive than wall time to other jobs on a shared CPU machine (with --threads 1 it excludes time spent
+    descheduled; with more threads, OpenMP spin-waits count).
+    """
+    for p in model.parameters():
+        p.grad = None
+    synchronize(cfg)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    with device_context(cfg):
+        loss, output = engine.forward_step(micro_batch, loss_function=loss_fn, forward_only=False)
+    loss.backward()
+    synchronize(cfg)
+    elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    del loss, output
+    return elapsed, elapsed_cpu
+
+
+def setup_torch(cfg: dict) -> None:
+    import torch
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def worker_main(variant: str, cfg: dict, tokens: int) -> dict:
+    """Fresh process: build, run warm-up + mem_steps micro-steps of one variant, report its peak memory."""
+    setup_torch(cfg)
+    import torch
+
+    model = build_model(cfg)
+    td = build_batch(cfg, tokens).to(cfg["device"])
+    engine, micro_batch, loss_fn = make_variant(cfg, variant, model, td)
+    gc.collect()
+    result = dict(variant=variant, tokens=tokens, rss_after_build=current_rss_bytes(),
+                  maxrss_after_build=peak_rss_bytes(), malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+    if cfg["device"] == "cuda":
+        torch.cuda.synchronize()
+        result["cuda_allocated_after_build"] = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    steps = max(1, cfg["warmup"]) + cfg["mem_steps"]
+    result["step_wall_s"], result["step_cpu_s"] = map(
+        list, zip(*[micro_step(cfg, model, engine, micro_batch, loss_fn) for _ in range(steps)]))
+    result["maxrss"] = peak_rss_bytes()
+    result["peak_reached_in_steps"] = result["maxrss"] > result["maxrss_after_build"]
+    if cfg["device"] == "cuda":
+        result["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+        result["peak"] = result["cuda_max_allocated"]
+        result["base"] = result["cuda_allocated_after_build"]
+        result["metric"] = "torch.cuda.max_memory_allocated"
+    else:
+        result["peak"] = result["maxrss"]
+        result["base"] = result["rss_after_build"]
+        result["metric"] = "ru_maxrss"
+    return result
+
+
+# glibc settings per process kind (see the module docstring); applied on CPU only.
+MALLOC_ENV = {
+    "pinned": {"MALLOC_MMAP_THRESHOLD_": "131072"},  # memory processes: peak RSS follows live tensors
+    "cached": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},  # timing: freed memory reused
+    "default": {},
+}
+
+
+def run_subprocess(worker_args: list[str], cfg: dict, malloc: str, live_stderr: bool = False) -> dict:
+    """Run this module as a fresh worker process with the given glibc setting; return its JSON result.
+    Inherited MALLOC_* and GLIBC_TUNABLES are dropped so each process runs with exactly the setting named.
+    ``live_stderr`` passes the worker's progress (and warnings) straight to this terminal."""
+    cmd = [sys.executable, "-m", "erc_verl.bench.overhead", *worker_args, "--worker-config", json.dumps(cfg)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    if cfg["device"] == "cpu":
+        env.update(MALLOC_ENV[malloc])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if live_stderr else subprocess.PIPE, text=True,
+                          env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(WORKER_TAG)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + "\n" + (proc.stderr or "")[-8000:])
+        raise RuntimeError(f"worker {' '.join(worker_args)} failed with exit code {proc.returncode}")
+    return json.loads(lines[-1][len(WORKER_TAG):])
+
+
+def run_worker(variant: str, cfg: dict, tokens: int) -> dict:
+    return run_subprocess(["--worker", variant, "--worker-tokens", str(tokens)], cfg, cfg["mem_malloc"])
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def time_variants(cfg: dict, model, tokens: int, variants) -> dict[str, dict[str, list[float]]]:
+    td = build_batch(cfg, tokens).to(cfg["device"])
+    prepared = {name: make_variant(cfg, name, model, td) for name in variants}
+    for _ in range(cfg["warmup"]):
+        for name in variants:
+            micro_step(cfg, model, *prepared[name])
+    raw = {name: {"wall": [], "cpu": []} for name in variants}
+    for _ in range(cfg["reps"]):
+        for name in variants:  # round-robin: A B C A B C ...
+            gc.collect()
+            wall, cpu = micro_step(cfg, model, *prepared[name])
+            raw[name]["wall"].append(wall)
+            raw[name]["cpu"].append(cpu)
+    return raw
+
+
+def timing_main(cfg: dict, variants: list[str]) -> dict:
+    """Fresh process: one model, every token count timed, variants interleaved."""
+    setup_torch(cfg)
+    import torch
+
+    model = build_model(cfg)
+    load_before = os.getloadavg()
+    raw = {}
+    for tokens in cfg["token_list"]:
+        raw[tokens] = time_variants(cfg, model, tokens, variants)
+        print(f"  timing process: tokens={tokens} done", file=sys.stderr, flush=True)
+    return {"raw": raw, "threads": torch.get_num_threads(), "loadavg_before_after": [load_before, os.getloadavg()],
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median: how much the repetitions disagree."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def summarize(cfg: dict, tokens: int, raw: dict, mem: dict) -> dict:
+    timer = cfg["timer"]
+    entry: dict = {"tokens": tokens, "vocab": cfg["vocab"], "timer": timer, "variants": {}}
+    for name in VARIANTS:
+        if name not in raw:
+            continue
+        wall, cpu = raw[name]["wall"], raw[name]["cpu"]
+        v = {
+            "median_s": statistics.median(raw[name][timer]),  # the timer the ratios and the check use
+            "median_wall_s": statistics.median(wall),
+            "min_wall_s": min(wall),
+            "spread_wall": spread(wall),
+            "median_cpu_s": statistics.median(cpu),
+            "min_cpu_s": min(cpu),
+            "spread_cpu": spread(cpu),
+            "raw_wall_s": wall,
+            "raw_cpu_s": cpu,
+        }
+        if name in mem:
+            runs = mem[name]  # one fresh process each; the median is robust to an outlier either way
+            peaks = [m["peak"] for m in runs]
+            v.update(peak_mem_bytes=int(statistics.median(peaks)), peak_mem_runs_bytes=peaks,
+                     base_mem_bytes=int(statistics.median(m["base"] for m in runs)), mem_metric=runs[0]["metric"],
+                     peak_reached_in_steps=all(m["peak_reached_in_steps"] for m in runs), workers=runs)
+        entry["variants"][name] = v
+    base = entry["variants"]["dapo"]
+    for name in ("erc", "graph_entropy"):
+        v = entry["variants"].get(name)
+        has_mem = bool(v) and "peak_mem_bytes" in v and "peak_mem_bytes" in base
+        entry[f"time_ratio_{name}"] = v["median_s"] / base["median_s"] if v else None
+        entry[f"time_ratio_wall_{name}"] = v["median_wall_s"] / base["median_wall_s"] if v else None
+        entry[f"time_ratio_cpu_{name}"] = v["median_cpu_s"] / base["median_cpu_s"] if v else None
+        # Median over rounds of (this variant's step / dapo's step in the same round): cancels slow drifts of the
+        # machine (frequency, other jobs' memory traffic) that the ratio of medians does not.
+        key = "raw_wall_s" if timer == "wall" else "raw_cpu_s"
+        entry[f"time_ratio_paired_{name}"] = (
+            statistics.median(a / b for a, b in zip(v[key], base[key])) if v else None)
+        entry[f"mem_ratio_{name}"] = v["peak_mem_bytes"] / base["peak_mem_bytes"] if has_mem else None
+        grown = has_mem and base["peak_mem_bytes"] > base["base_mem_bytes"]
+        entry[f"mem_above_base_ratio_{name}"] = (
+            (v["peak_mem_bytes"] - v["base_mem_bytes"]) / (base["peak_mem_bytes"] - base["base_mem_bytes"])
+            if grown else None)
+    return entry
+
+
+def check(entry: dict, device: str) -> dict:
+    erc, graph = entry["variants"]["erc"], entry["variants"].get("graph_entropy")
+    tr, mr = entry["time_ratio_erc"], entry["mem_ratio_erc"]
+    criteria = {
+        f"erc time <= {TARGET_TIME_RATIO_ERC:.2f} x dapo ({entry['timer']} median)": (
+            tr is not None and tr <= TARGET_TIME_RATIO_ERC),
+        f"erc peak mem <= {TARGET_MEM_RATIO_ERC:.2f} x dapo": mr is not None and mr <= TARGET_MEM_RATIO_ERC,
+    }
+    if graph is not None:
+        noise = RSS_NOISE_BYTES if device == "cpu" else 0
+        criteria[f"erc peak mem <= graph_entropy peak mem (+{noise >> 20} MiB RSS noise)"] = (
+            "peak_mem_bytes" in erc and "peak_mem_bytes" in graph
+            and erc["peak_mem_bytes"] <= graph["peak_mem_bytes"] + noise)
+    return {"pass": all(criteria.values()), "criteria": criteria}
+
+
+def print_table(cfg: dict, entries: list[dict], out=sys.stdout) -> None:
+    metric = "cuda max_memory_allocated" if cfg["device"] == "cuda" else "peak RSS (ru_maxrss)"
+    cpu_cols = cfg["device"] == "cpu"
+    header = (f"\n{'tokens':>6}  {'variant':<13} {'wall med ms':>11} {'min ms':>8} {'spread':>6} {'wall x':>6} "
+              f"{'paired x':>8}")
+    if cpu_cols:
+        header += f"  {'cpu med ms':>10} {'cpu x':>6}"
+    header += f"  {'peak MiB':>8} {'base MiB':>8} {'mem x':>6} {'(peak-base) x':>13}"
+    print(header, file=out)
+    for e in entries:
+        dapo = e["variants"]["dapo"]
+        for name, v in e["variants"].items():
+            line = (f"{e['tokens']:>6}  {name:<13} {v['median_wall_s'] * 1e3:>11.1f} {v['min_wall_s'] * 1e3:>8.1f} "
+                    f"{v['spread_wall']:>6.2f} {v['median_wall_s'] / dapo['median_wall_s']:>6.3f} "
+                    f"{e.get(f'time_ratio_paired_{name}') or 1.0:>8.3f}")
+            if cpu_cols:
+                line += f"  {v['median_cpu_s'] * 1e3:>10.1f} {v['median_cpu_s'] / dapo['median_cpu_s']:>6.3f}"
+            peak, base = v.get("peak_mem_bytes"), v.get("base_mem_bytes")
+            mx = f"{peak / dapo['peak_mem_bytes']:.3f}" if peak is not None else "-"
+            dx = "-"
+            if peak is not None and dapo["peak_mem_bytes"] > dapo["base_mem_bytes"]:
+                dx = f"{(peak - base) / (dapo['peak_mem_bytes'] - dapo['base_mem_bytes']):.3f}"
+            print(line + f"  {mib(peak):>8} {mib(base):>8} {mx:>6} {dx:>13}", file=out)
+    print(f"time: medians of {cfg['reps']} interleaved rounds after {cfg['warmup']} warm-up step(s); spread = "
+          f"(max-min)/median of wall; 'x' = / dapo; 'paired x' = median over rounds of step / dapo's step in the "
+          f"same round ({cfg['timer']} time).", file=out)
+    alloc = f", glibc mmap threshold {cfg['mem_malloc']}" if cfg["device"] == "cpu" else ""
+    print(f"memory: {metric}{alloc}, median peak of {cfg['mem_runs']} fresh process(es) per variant (all runs in "
+          "the JSON); base = after model+batch build; 'mem x' = peak / dapo peak (nothing subtracted); "
+          "'(peak-base) x' = growth during the steps / dapo's.", file=out)
+    if any(len(v.get("peak_mem_runs_bytes", [])) > 1 for e in entries for v in e["variants"].values()):
+        for e in entries:
+            print(f"  peaks per process, tokens={e['tokens']}: " + "; ".join(
+                f"{n} " + "/".join(mib(p) for p in v["peak_mem_runs_bytes"])
+                for n, v in e["variants"].items() if "peak_mem_runs_bytes" in v) + " MiB", file=out)
+
+
+def contention_note(cfg: dict, entries: list[dict], threads: int) -> tuple[float | None, str | None]:
+    """CPU time / (wall time x threads) over all timed steps: ~1 on an idle machine, lower when other processes
+    took the cores (descheduled threads accumulate no CPU time)."""
+    if cfg["device"] != "cpu":
+        return None, None
+    wall = sum(sum(v["raw_wall_s"]) for e in entries for v in e["variants"].values())
+    cpu = sum(sum(v["raw_cpu_s"]) for e in entries for v in e["variants"].values())
+    utilization = cpu / (wall * threads) if wall > 0 else None
+    if utilization is not None and utilization < 0.85:
+        return utilization, (
+            f"WARNING: the timed steps got {utilization:.0%} of {threads} thread(s) of CPU: other processes competed "
+            "for the cores, wall times are noisy (see 'spread'); compare the cpu columns, or rerun on an idle "
+            "machine or with --threads 1 --timer cpu.")
+    return utilization, None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"small CPU config, ~1.5-2 min on 2 idle cores: {QUICK}")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model/token shapes of a real model (random weights)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--hidden-size", dest="hidden_size", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", dest="kv_heads", type=int)
+    p.add_argument("--intermediate-size", dest="intermediate_size", type=int, help="default 2 x hidden")
+    p.add_argument("--vocab", type=int, help=f"vocabulary size (default {REAL_VOCAB}, Qwen2's)")
+    p.add_argument("--tokens", type=int, help="packed tokens in the micro-batch (prompt + response)")
+    p.add_argument("--seqs", type=int, help="sequences in the micro-batch (tokens split evenly)")
+    p.add_argument("--response-frac", dest="response_frac", type=float, help="response share of each sequence")
+    p.add_argument("--sweep", help="comma-separated token counts, e.g. 256,512,1024 (overrides --tokens)")
+    p.add_argument("--reps", type=int, help="timed rounds (each runs every variant once)")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant before the timed rounds")
+    p.add_argument("--mem-steps", dest="mem_steps", type=int, help="steps after warm-up in each memory process")
+    p.add_argument("--mem-runs", dest="mem_runs", type=int,
+                   help="fresh processes per variant (median peak is used; default 2, GPU preset 1)")
+    p.add_argument("--mem-malloc", dest="mem_malloc", choices=("pinned", "default"),
+                   help="CPU memory processes: pin glibc's mmap threshold at 128 KiB (default) or leave glibc's "
+                        "dynamic threshold (noisier peak RSS)")
+    p.add_argument("--time-malloc", dest="time_malloc", choices=("cached", "default"),
+                   help="CPU timing process: glibc keeps freed memory for reuse, as a caching allocator does "
+                        "(default), or glibc's default (every step re-faults its logits-sized buffers: noisy)")
+    p.add_argument("--mem-jobs", dest="mem_jobs", type=int,
+                   help="memory processes run at once (default 2 on cpu, 1 on cuda)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--entropy-compile", dest="entropy_compile", choices=("auto", "on", "off"),
+                   help="torch.compile verl's entropy function as verl's engine does (auto: on for cuda, off for cpu)")
+    p.add_argument("--entropy-chunking", dest="entropy_chunking", action="store_true", default=None,
+                   help="engine config entropy_from_logits_with_chunking=True")
+    p.add_argument("--entropy-chunk-size", dest="entropy_chunk_size", type=int,
+                   help="engine config entropy_from_logits_chunk_size (rows; verl's default 2048)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--timer", choices=("wall", "cpu"), default=None,
+                   help="which medians the ratios and the check use (default wall; cpu = process CPU time, CPU only)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="subset to run (dapo is always included)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-variant memory processes")
+    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--check", action="store_true", help="exit 1 when the acceptance check fails")
+    p.add_argument("--worker", choices=(*VARIANTS, "timing"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-tokens", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-config", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker == "timing":
+        result = timing_main(json.loads(args.worker_config), args.variants.split(","))
+        print(WORKER_TAG + json.dumps(result), flush=True)
+        return 0
+    if args.worker:
+        result = worker_main(args.worker, json.loads(args.worker_config), args.worker_tokens)
+        print(WORKER_TAG + json.dumps(result), flush=True)
+        return 0
+
+    cfg = resolve_config(args)
+    variants = [v for v in VARIANTS if v == "dapo" or v in args.variants.split(",")]
+    started = time.time()
+    print(f"config: {json.dumps(cfg)}", flush=True)
+
+    if cfg["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+
+    # Memory first, in fresh processes, then timing in another (only one model on a shared GPU at a time).
+    mem: dict[int, dict[str, dict]] = {t: {} for t in cfg["token_list"]}
+    if args.memory:
+        jobs = [(tokens, name) for tokens in cfg["token_list"] for _ in range(cfg["mem_runs"]) for name in variants]
+        with ThreadPoolExecutor(max_workers=cfg["mem_jobs"]) as pool:
+            for (tokens, name), result in zip(jobs, pool.map(lambda job: run_worker(job[1], cfg, job[0]), jobs)):
+                mem[tokens].setdefault(name, []).append(result)
+                print(f"  memory process {name:<13} tokens={tokens}: peak {mib(result['peak'])} MiB "
+                      f"(base {mib(result['base'])} MiB)", flush=True)
+
+    timing = run_subprocess(["--worker", "timing", "--variants", ",".join(variants)], cfg, cfg["time_malloc"],
+                            live_stderr=True)
+    entries = []
+    for tokens in cfg["token_list"]:
+        raw = timing["raw"][str(tokens)]
+        entries.append(summarize(cfg, tokens, raw, mem[tokens]))
+        print(f"  timed tokens={tokens}: " + ", ".join(
+            f"{n} {statistics.median(t['wall']) * 1e3:.1f} ms" for n, t in raw.items()), flush=True)
+
+    import torch
+    import transformers
+
+    import verl
+    from verl.utils import torch_functional as verl_F
+
+    print_table(cfg, entries)
+    threads = timing["threads"]
+    utilization, note = contention_note(cfg, entries, threads)
+    if utilization is not None:
+        print(f"cpu utilization of the timed steps: {utilization:.0%} of {threads} thread(s)")
+    if note:
+        print(note)
+    head = entries[-1]  # the largest token count
+    result = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": cfg["device"],
+        "device_name": (torch.cuda.get_device_name() if cfg["device"] == "cuda"
+                        else platform.processor() or platform.machine()),
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before_after_timing": timing["loadavg_before_after"],
+        "timing_malloc_env": timing["malloc_env"],
+        "cpu_utilization": utilization,
+        "contention_note": note,
+        "flash_attn_cross_entropy": verl_F.FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE,
+        "versions": {"torch": torch.__version__, "verl": verl.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "config": cfg,
+        "memory_metric": "torch.cuda.max_memory_allocated" if cfg["device"] == "cuda" else "ru_maxrss",
+        **{k: head[k] for k in head if k != "variants"},
+        "variants": head["variants"],
+        "sweep": entries if len(entries) > 1 else None,
+    }
+    if "erc" in variants and args.memory:
+        result["check"] = c = check(head, cfg["device"])
+        scope = "" if (cfg["quick"] and cfg["device"] == "cpu") else " [the targets are defined for --quick on cpu]"
+        keys = ("time_ratio_erc", "time_ratio_paired_erc", "mem_ratio_erc", "time_ratio_graph_entropy",
+                "mem_ratio_graph_entropy")
+        ratios = ", ".join(f"{k} {head[k]:.3f}" for k in keys if head.get(k) is not None)
+        print(f"\n{'PASS' if c['pass'] else 'FAIL'} (tokens={head['tokens']}, {cfg['timer']} time): {ratios} | "
+              + "; ".join(f"{k}: {'ok' if ok else 'NO'}" for k, ok in c["criteria"].items()) + scope)
+    result["wall_s"] = time.time() - started
+    print(f"wall {result['wall_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.check and not result.get("check", {}).get("pass", False):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""The CPU mini-reproduction: the paper's comparison, scaled down to a tiny model, on verl's real trainer.
+
+- ``task`` / ``tiny_world``: a verifiable arithmetic task and a warmed-up 2-layer Qwen2 saved as a Hugging Face
+  checkpoint with verl parquet data (``recipe/cpu_tiny.sh`` trains on it).
+- ``recipe_run``: one ``bash recipe/cpu_tiny.sh <recipe>`` run, followed through verl's file logger.
+- ``demo`` (``erc-verl demo``): one run per arm, the summary table and the figures.
+- ``sweep`` (``erc-verl sweep``): DAPO vs DAPO+ERC over off-policy updates and learning rates, several seeds.
+- ``metrics`` / ``plots``: verl's metrics and ERC's token diagnostics in numbers and figures.
+
+May import everything else in erc_verl; nothing in the algorithm, the seams or the paper tooling imports it.
+"""

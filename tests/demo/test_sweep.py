@@ -1,0 +1,86 @@
+"""``erc-verl sweep``: cells and flags, the statistics (checked against hand-computed intervals), the table and
+figure, and resuming (runs already in runs.jsonl are not trained again). The runs themselves go through
+erc_verl.demo.recipe_run, as the demo's do."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib.image
+import pytest
+
+from erc_verl.demo import sweep
+
+
+def _settings(*argv: str) -> sweep.SweepSettings:
+    return sweep.settings_from_args(sweep.build_parser().parse_args(list(argv)))
+
+
+def test_cells_parse_as_updates_at_learning_rate(tmp_path):
+    s = _settings("--cells", "2@1e-4, 8@4e-4", "--out", str(tmp_path))
+    assert s.cells == ((2, 1e-4), (8, 4e-4))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--cells", "8"], "UPDATES@LR"),
+        (["--cells", "8@x"], "UPDATES@LR"),
+        (["--cells", "0@1e-4"], "positive"),
+        (["--cells", "8@1e-4,8@1e-4"], "distinct"),
+        (["--cells", "3@1e-4"], "multiple of every cell's updates; not of [3]"),
+        (["--seeds", "1"], "--seeds"),
+        (["--steps", "2"], "--steps"),
+        (["--arms", "dapo"], "--arms"),
+        (["--jobs", "0"], "--jobs"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_runs(argv, message):
+    with pytest.raises(SystemExit) as exc:
+        _settings(*argv)
+    assert message in str(exc.value)
+
+
+def test_mean_ci_is_the_t_interval():
+    mean, half = sweep.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
+    assert sweep.mean_ci([1.0, float("nan"), 3.0]) == pytest.approx((2.0, 12.706 * math.sqrt(2) / math.sqrt(2)))
+    assert math.isnan(sweep.mean_ci([2.0])[1])
+
+
+def _records(s: sweep.SweepSettings) -> dict[str, dict]:
+    """ERC lower than DAPO by exactly 0.1 on entropy fluctuation in every seed; everything else equal."""
+    records = {}
+    for updates, lr in s.cells:
+        for seed in range(s.seeds):
+            for arm in s.arms:
+                key = sweep.run_key(updates, lr, seed, arm)
+                records[key] = {"key": key, "updates": updates, "lr": lr, "seed": seed, "arm": arm,
+                                "entropy_fluct": 0.5 + seed / 10 - (0.1 if arm == "dapo_erc" else 0.0),
+                                "grad_norm_fluct": 1.0, "val_acc_end": 0.4, "ppo_kl": 0.001,
+                                "erc_clipfrac": 0.02 if arm == "dapo_erc" else float("nan"), "wall_s": 1.0}
+    return records
+
+
+def test_summary_pairs_the_arms_by_seed(tmp_path):
+    s = _settings("--cells", "2@1e-4", "--seeds", "3", "--out", str(tmp_path))
+    summary = sweep.summarize(_records(s), s).set_index("metric")
+    row = summary.loc["entropy_fluct"]
+    assert row["dapo"] == pytest.approx(0.6) and row["dapo_erc"] == pytest.approx(0.5)
+    assert row["diff"] == pytest.approx(-0.1) and row["diff_ci"] == pytest.approx(0.0, abs=1e-12)
+    assert row["dapo_erc_lower"] == 3
+    assert math.isnan(summary.loc["erc_clipfrac", "dapo"]) and summary.loc["erc_clipfrac", "dapo_erc"] == 0.02
+    table = sweep.markdown_table(sweep.summarize(_records(s), s), s)
+    assert "| 2 | 0.0001 | entropy fluctuation | 0.6 ± 0.25 | 0.5 ± 0.25 | -0.1 ± 0 | 3/3 |" in table
+
+
+def test_resume_trains_nothing_already_recorded_and_draws_the_figure(tmp_path, monkeypatch):
+    s = _settings("--cells", "2@1e-4,8@1e-4", "--seeds", "2", "--out", str(tmp_path))
+    records = _records(s)
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+    monkeypatch.setattr(sweep, "_train_one", lambda *a: pytest.fail(f"trained again: {a[1:]}"))
+    result = sweep.run(s)
+    assert set(result["summary"]["metric"]) == {m for m, _ in sweep.REPORTED}
+    assert matplotlib.image.imread(result["figure"]).shape[0] > 100
+    assert (tmp_path / "summary.md").read_text().startswith("| updates/rollout |")

@@ -1,0 +1,242 @@
+"""The detached-entropy seam on verl's real FSDPEngineWithLMHead code path (CPU, no FSDP wrapping)."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from verl.utils import tensordict_utils as tu
+from verl.workers.engine.fsdp import transformer_impl
+
+from erc_verl.seams.engine import (
+    DETACHED_ENTROPY_KEY,
+    check_engine_contract,
+    check_verl_version,
+    enable_detached_entropy,
+)
+from erc_verl.seams.testing import cpu_lm_engine, engine_on_cpu, tiny_qwen2, update_batch
+
+
+def capture_outputs(engine, td, **flags):
+    """Run verl's forward_step and capture what prepare_model_outputs hands to the loss."""
+    td = td.copy()
+    tu.assign_non_tensor(td, **flags)
+    seen = {}
+
+    def loss_fn(model_output, data, dp_group=None):
+        seen.update(model_output)
+        return model_output["log_probs"].values().sum(), {}
+
+    with engine_on_cpu(), mock.patch.object(
+        transformer_impl, "logprobs_from_logits", wraps=transformer_impl.logprobs_from_logits
+    ) as spy:
+        loss, _ = engine.forward_step(td, loss_function=loss_fn, forward_only=False)
+    loss.backward()
+    seen["inplace_backward"] = spy.call_args.kwargs.get("inplace_backward") if spy.called else None
+    return seen
+
+
+@pytest.mark.parametrize("engine_overrides", [{}, {"entropy_from_logits_with_chunking": True,
+                                                   "entropy_from_logits_chunk_size": 5},
+                                              {"entropy_checkpointing": True}])
+def test_detached_entropy_matches_verl_entropy_without_graph(engine_overrides):
+    model, td = tiny_qwen2(), update_batch(seed=1)
+
+    graph = capture_outputs(cpu_lm_engine(model, **engine_overrides), td, calculate_entropy=True)
+    grads_graph = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    engine = cpu_lm_engine(model, **engine_overrides)
+    enable_detached_entropy(engine)
+    seam = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+    grads_seam = [p.grad.clone() for p in model.parameters()]
+
+    assert graph["entropy"].requires_grad and not seam["entropy"].requires_grad
+    torch.testing.assert_close(seam["entropy"].values(), graph["entropy"].values().detach())
+    torch.testing.assert_close(seam["log_probs"].values(), graph["log_probs"].values().detach())
+    for a, b in zip(grads_seam, grads_graph):
+        torch.testing.assert_close(a, b)
+    # verl turns in-place log-prob backward off when it builds the entropy graph; the seam keeps it on
+    assert graph["inplace_backward"] is False and seam["inplace_backward"] is True
+
+
+def old_policy_entropy(engine, td):
+    """verl's compute_log_prob pass: forward only, no grad, entropy requested."""
+    td = td.copy()
+    tu.assign_non_tensor(td, calculate_entropy=True)
+    with torch.no_grad(), engine_on_cpu():
+        _, out = engine.forward_step(td, loss_function=None, forward_only=True)
+    return out["model_output"]["entropy"]
+
+
+@pytest.mark.parametrize("gate_entropy_for_old_policy", [True, False])
+def test_old_and_current_entropy_are_computed_alike_under_bf16(gate_entropy_for_old_policy):
+    """On-policy (same weights, same tokens) the ERC ratio must be exactly 1. Under FSDP mixed precision the
+    logits are bf16; verl's entropy in bf16 against the seam's float32 one put rho anywhere in 0.6..9 in a
+    real CPU run. With the gate's function on both passes they agree bit for bit; without it they do not."""
+    model, td = tiny_qwen2(vocab_size=512, hidden_size=64), update_batch(seed=6, vocab_size=512)
+    engine = cpu_lm_engine(model)
+    engine._autocast_dtype = torch.bfloat16
+    enable_detached_entropy(engine, gate_entropy_for_old_policy=gate_entropy_for_old_policy)
+    old = old_policy_entropy(engine, td).values()
+    current = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})["entropy"].values()
+    if gate_entropy_for_old_policy:
+        torch.testing.assert_close(current, old, rtol=0, atol=0)
+    else:  # the mismatch the flag exists for: bf16 entropy vs float32 entropy of the same logits
+        assert old.dtype == torch.bfloat16 and not torch.equal(current, old.float())
+
+
+def test_detached_entropy_at_sampling_temperature_matches_verl():
+    """verl scales the logits by the rollout temperature before entropy and log-probs; so does the seam's pass."""
+    model, td = tiny_qwen2(), update_batch(seed=4)
+    graph = capture_outputs(cpu_lm_engine(model), td, calculate_entropy=True, temperature=0.7)
+    plain = capture_outputs(cpu_lm_engine(model), td, calculate_entropy=True)
+    engine = cpu_lm_engine(model)
+    enable_detached_entropy(engine)
+    seam = capture_outputs(engine, td, temperature=0.7, **{DETACHED_ENTROPY_KEY: True})
+    torch.testing.assert_close(seam["entropy"].values(), graph["entropy"].values().detach())
+    torch.testing.assert_close(seam["log_probs"].values(), graph["log_probs"].values().detach())
+    assert not torch.allclose(seam["entropy"].values(), plain["entropy"].values().detach())  # 0.7 did apply
+
+
+def test_seam_is_inert_unless_flagged():
+    model, td = tiny_qwen2(), update_batch(seed=2)
+    engine = cpu_lm_engine(model)
+    enable_detached_entropy(engine)
+    plain = capture_outputs(engine, td)
+    assert "entropy" not in plain and plain["inplace_backward"] is True
+    # entropy_coeff != 0: the trainer sets calculate_entropy and verl's graph entropy is used as is
+    with_bonus = capture_outputs(engine, td, calculate_entropy=True, **{DETACHED_ENTROPY_KEY: True})
+    assert with_bonus["entropy"].requires_grad
+
+
+def test_contract_check_fails_loudly_when_verl_engine_changes():
+    class MovedEngine:
+        def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+            return {"log_probs": None}
+
+    with pytest.raises(RuntimeError, match="no longer reads"):
+        check_engine_contract(MovedEngine())
+    check_engine_contract(cpu_lm_engine(tiny_qwen2()))
+
+
+@pytest.mark.parametrize("version", ["0.8.0", "0.10.0", "0.10.0.dev0", "1.9.1"])
+def test_unsupported_verl_versions_are_refused(version):
+    with pytest.raises(RuntimeError, match=rf"written for verl 0\.9\.x, found verl {version}\b"):
+        check_verl_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.9.1", "0.9.0", "0.9.2.dev0", "0.9.1.post1", "0.9.0rc1", "0.9.3+cu124"])
+def test_every_verl_0_9_release_is_accepted(version):
+    """Development, pre-, post- and local builds of 0.9.x carry the same seams as the releases."""
+    check_verl_version(version)
+
+
+def test_installed_verl_version_is_read_when_called(monkeypatch):
+    import verl
+
+    monkeypatch.setattr(verl, "__version__", "0.10.0")
+    with pytest.raises(RuntimeError, match="found verl 0.10.0"):
+        check_verl_version()
+
+
+def test_graph_free_pass_uses_the_read_only_entropy_and_restores_verls():
+    from erc_verl.seams import engine as seam
+
+    model, td = tiny_qwen2(vocab_size=64), update_batch(seed=5)
+    engine = cpu_lm_engine(model)
+    verl_entropy = engine.compute_entropy_from_logits
+    enable_detached_entropy(engine)
+    with mock.patch.object(seam, "entropy_from_logits_no_grad", wraps=seam.entropy_from_logits_no_grad) as spy:
+        seen = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+    assert spy.call_count == 1 and spy.call_args.args[0].shape[-1] == 64
+    assert seen["entropy"].values().shape == seen["log_probs"].values().shape
+    assert engine.compute_entropy_from_logits is verl_entropy  # verl's function restored after the pass
+
+
+def test_fused_kernels_entropy_is_read_detached_without_recomputation():
+    """verl's fused linear-for-PPO forward (torch backend, runs on CPU) returns log-probs and entropy together;
+    the seam reads that entropy detached and computes nothing else."""
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
+
+    from erc_verl.seams import engine as seam
+
+    model, td = tiny_qwen2(), update_batch(seed=6)
+    tu.assign_non_tensor(td, use_fused_kernels=True)
+    # verl patches the model *class*; restore it after the test
+    with mock.patch.object(type(model), "forward", type(model).forward):
+        patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+        graph = capture_outputs(cpu_lm_engine(model), td, calculate_entropy=True)
+        grads_graph = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+
+        engine = cpu_lm_engine(model)
+        enable_detached_entropy(engine)
+        with mock.patch.object(seam, "entropy_from_logits_no_grad") as own_entropy:
+            fused = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+        grads_fused = [p.grad.clone() for p in model.parameters()]
+
+    own_entropy.assert_not_called()
+    assert graph["entropy"].requires_grad and not fused["entropy"].requires_grad
+    torch.testing.assert_close(fused["entropy"].values(), graph["entropy"].values().detach())
+    torch.testing.assert_close(fused["log_probs"].values(), graph["log_probs"].values().detach())
+    for a, b in zip(grads_fused, grads_graph):
+        torch.testing.assert_close(a, b)
+
+
+class _SequenceParallelStandIn(torch.nn.Module):
+    """Ulysses attention needs flash-attn on CUDA, so it cannot run here. This stand-in gives each rank what an
+    Ulysses forward gives it, its shard of the packed sequence's logits, by all-gathering the (padded, sliced)
+    inputs verl prepared and running the real model on the whole sequence. Everything around it (verl's pad and
+    slice, the all-gather and unpad of entropy and log-probs, the seam) is real, with gloo collectives."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, position_ids, **kwargs):
+        import torch.distributed as dist
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+
+        def gather(t):
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t)
+            return torch.cat(parts, dim=-1)
+
+        logits = self.model(input_ids=gather(input_ids), position_ids=gather(position_ids), **kwargs).logits
+        return CausalLMOutputWithPast(logits=logits.chunk(world, dim=1)[rank])
+
+
+def _ulysses_rank(rank, world, init_file):
+    import torch.distributed as dist
+
+    from verl.utils.ulysses import set_ulysses_sequence_parallel_group
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, td = tiny_qwen2(), update_batch(seed=1)
+        assert int(td["input_ids"].offsets()[-1]) % world, "want a token count verl must pad for sp"
+        reference = capture_outputs(cpu_lm_engine(model), td, calculate_entropy=True)
+
+        set_ulysses_sequence_parallel_group(dist.group.WORLD)
+        engine = cpu_lm_engine(_SequenceParallelStandIn(model))
+        engine.use_ulysses_sp, engine.ulysses_sequence_parallel_size = True, world
+        enable_detached_entropy(engine)
+        sharded = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+
+        assert not sharded["entropy"].requires_grad and sharded["inplace_backward"] is True
+        torch.testing.assert_close(sharded["entropy"].values(), reference["entropy"].values().detach())
+        torch.testing.assert_close(sharded["log_probs"].values(), reference["log_probs"].values().detach())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_ulysses_sequence_parallel_gathers_the_detached_entropy(tmp_path):
+    """Two gloo ranks, sp=2: packed tokens (33) are padded to a multiple of 2 and sliced by verl; each rank's
+    detached entropy is all-gathered and unpadded by verl and matches the unsharded entropy token for token."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ulysses_rank, args=(2, str(tmp_path / "dist_init")), nprocs=2, join=True)
