@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -33,9 +34,15 @@ from erc_verl.demo.recipe_run import CPU_RECIPES
 # side by side (--jobs 2) finish ~1.4x sooner than one after the other.
 PRESETS = {
     "quick": dict(steps=5, prompts=8, n=8, minibatches=4, eval_every=5),
-    "default": dict(steps=40, prompts=16, n=8, minibatches=8, eval_every=10),
+    "default": dict(steps=30, prompts=16, n=8, minibatches=8, eval_every=10),
 }
 ERC_ARMS = ("dapo_erc", "gppo_erc")
+
+
+def add_erc_band(group) -> None:
+    """--erc-low / --erc-high, handed to the ERC recipes as ENTROPY_MASK_LOW / _HIGH (see erc_env)."""
+    for flag, key, paper in (("--erc-low", "entropy_mask_low", 0.95), ("--erc-high", "entropy_mask_high", 1.05)):
+        group.add_argument(flag, type=float, default=paper, help=f"{key} (paper: {paper})")
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
@@ -55,8 +62,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     size.add_argument("--val-n", type=int, default=8, help="validation samples per problem (accuracy is their mean)")
     algo = p.add_argument_group("algorithm")
     algo.add_argument("--lr", type=float, default=1e-4, help="actor learning rate (recipe/cpu_tiny.sh's 1e-4)")
-    algo.add_argument("--erc-low", type=float, default=0.95, help="entropy_mask_low (paper: 0.95)")
-    algo.add_argument("--erc-high", type=float, default=1.05, help="entropy_mask_high (paper: 1.05)")
+    add_erc_band(algo)
     world = p.add_argument_group("tiny world")
     world.add_argument("--warmup-steps", type=int, default=150, help="supervised warm-up steps before RL")
     world.add_argument("--tokens-per-step", type=int, default=256, help="diagnostic tokens sampled per loss call")
@@ -132,18 +138,10 @@ def check_out_dir(out: str, command: str) -> None:
 
 def arm_overrides(arm: str, s: DemoSettings, diagnostics_dir: Optional[str]) -> list[str]:
     """Hydra overrides on top of recipe/cpu_tiny.sh: sizes, learning rate, seeds, validation, diagnostics."""
-    overrides = [
-        f"data.train_batch_size={s.prompts}",
-        f"actor_rollout_ref.rollout.n={s.n}",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={s.prompts // s.minibatches}",
-        f"actor_rollout_ref.actor.optim.lr={s.lr}",
-        f"data.seed={s.seed}",
-        f"actor_rollout_ref.actor.data_loader_seed={s.seed}",
-        f"actor_rollout_ref.rollout.seed={s.seed}",
-        f"trainer.test_freq={s.eval_every}",
-        "trainer.val_before_train=True",
-        f"actor_rollout_ref.rollout.val_kwargs.n={s.val_n}",
-    ]
+    from erc_verl.demo.recipe_run import training_overrides
+
+    overrides = training_overrides(prompts=s.prompts, n=s.n, updates=s.minibatches, lr=s.lr, seed=s.seed,
+                                   val_n=s.val_n, test_freq=s.eval_every, val_before_train=True)
     if diagnostics_dir is not None:
         overrides += [f"actor_rollout_ref.actor.erc_diagnostics.dir={os.path.abspath(diagnostics_dir)}",
                       f"actor_rollout_ref.actor.erc_diagnostics.tokens_per_step={s.tokens_per_step}",
@@ -238,8 +236,6 @@ def run(s: DemoSettings) -> dict:
           f"{s.out}/<arm>/train.log)",
           flush=True)
 
-    from concurrent.futures import ThreadPoolExecutor
-
     progress = Progress(s.arms, s.steps, enabled=s.progress)
     try:
         with ThreadPoolExecutor(max_workers=s.jobs) as pool:
@@ -253,6 +249,9 @@ def run(s: DemoSettings) -> dict:
     rows_by_arm = {arm: rows for arm, (rows, _) in results.items()}
     seconds = {arm: round(wall, 1) for arm, (_, wall) in results.items()}
     trainers = {arm: check_arm(arm, rows_by_arm[arm], s) for arm in s.arms}
+    modes = {arm: line.split(" ", 1)[1] for arm, line in trainers.items()}  # all but the trainer class
+    if len(set(modes.values())) > 1:
+        raise SystemExit(f"erc-verl demo: the arms ran different trainer modes: {modes}; compare like with like.")
     t_rl = time.perf_counter()
 
     curves = plot_training_curves(rows_by_arm, os.path.join(s.out, "training_curves.png"),

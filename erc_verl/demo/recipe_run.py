@@ -53,6 +53,24 @@ class RecipeRun:
         return ["bash", str(RECIPE_DIR / "cpu_tiny.sh"), self.recipe, *self.overrides]
 
 
+def training_overrides(*, prompts: int, n: int, updates: int, lr: float, seed: int, val_n: int, test_freq: int,
+                       val_before_train: bool) -> list[str]:
+    """The Hydra keys the demo and the sweep vary on top of recipe/cpu_tiny.sh: batch, off-policy updates per rollout
+    batch (``prompts / ppo_mini_batch_size``), learning rate, every seed verl takes, and validation."""
+    return [
+        f"data.train_batch_size={prompts}",
+        f"actor_rollout_ref.rollout.n={n}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts // updates}",
+        f"actor_rollout_ref.actor.optim.lr={lr}",
+        f"data.seed={seed}",
+        f"actor_rollout_ref.actor.data_loader_seed={seed}",
+        f"actor_rollout_ref.rollout.seed={seed}",
+        f"actor_rollout_ref.rollout.val_kwargs.n={val_n}",
+        f"trainer.test_freq={test_freq}",
+        f"trainer.val_before_train={val_before_train}",
+    ]
+
+
 def check_recipes_present() -> None:
     """The recipes live in the source tree (recipe/), not in the installed package."""
     if not (RECIPE_DIR / "cpu_tiny.sh").is_file():

@@ -70,6 +70,8 @@ def parse_cells(text: str) -> tuple[tuple[int, float], ...]:
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    from erc_verl.demo.demo import add_erc_band
+
     p = parser or argparse.ArgumentParser(prog="erc-verl sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="./erc_sweep", help="output directory; finished runs there are kept and skipped")
     p.add_argument("--seeds", type=int, default=5, help="seeds per cell (0..N-1)")
@@ -77,16 +79,17 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                    help="UPDATES@LR per cell: optimizer steps per rollout batch and actor learning rate "
                         "(default: a ladder of growing drift, 2@1e-4,8@1e-4,8@4e-4)")
     p.add_argument("--arms", default="dapo,dapo_erc", help="recipes to compare (default: dapo,dapo_erc)")
-    p.add_argument("--steps", type=int, default=10, help="RL steps per run")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch; a multiple of every cell's UPDATES")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt")
-    p.add_argument("--erc-low", type=float, default=0.95, help="entropy_mask_low (paper: 0.95)")
-    p.add_argument("--erc-high", type=float, default=1.05, help="entropy_mask_high (paper: 1.05)")
-    p.add_argument("--warmup-steps", type=int, default=150, help="supervised warm-up steps of each seed's model")
-    p.add_argument("--val-prompts", type=int, default=128, help="validation problems per seed")
-    p.add_argument("--val-n", type=int, default=8, help="validation samples per problem (accuracy is their mean)")
+    add_erc_band(p)
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at once (each ~6 GB; 2 on 2 cores finish ~1.4x sooner than one after another)")
+    run = p.add_argument_group("each run")
+    run.add_argument("--steps", type=int, default=10, help="RL steps per run")
+    run.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch; a multiple of every cell's UPDATES")
+    run.add_argument("--n", type=int, default=8, help="samples per prompt")
+    world = p.add_argument_group("each seed's tiny world")
+    world.add_argument("--warmup-steps", type=int, default=150, help="supervised warm-up steps of the seed's model")
+    world.add_argument("--val-prompts", type=int, default=128, help="validation problems")
+    world.add_argument("--val-n", type=int, default=8, help="validation samples per problem (accuracy is their mean)")
     return p
 
 
@@ -183,20 +186,12 @@ def _train_one(s: SweepSettings, updates: int, lr: float, seed: int, arm: str) -
     """One run through recipe/cpu_tiny.sh; its summary as a runs.jsonl record."""
     from erc_verl.demo.demo import erc_env
     from erc_verl.demo.metrics import run_summary
-    from erc_verl.demo.recipe_run import RecipeRun, run_recipe
+    from erc_verl.demo.recipe_run import RecipeRun, run_recipe, training_overrides
 
     key = run_key(updates, lr, seed, arm)
-    overrides = [
-        f"data.train_batch_size={s.prompts}",
-        f"actor_rollout_ref.rollout.n={s.n}",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={s.prompts // updates}",
-        f"actor_rollout_ref.actor.optim.lr={lr}",
-        f"data.seed={seed}",
-        f"actor_rollout_ref.actor.data_loader_seed={seed}",
-        f"actor_rollout_ref.rollout.seed={seed}",
-        f"actor_rollout_ref.rollout.val_kwargs.n={s.val_n}",
-        f"trainer.test_freq={s.steps}",  # validate once, after the last step
-    ]
+    # validated once, after the last step; the start is each seed's warm-up, the same for every arm
+    overrides = training_overrides(prompts=s.prompts, n=s.n, updates=updates, lr=lr, seed=seed, val_n=s.val_n,
+                                   test_freq=s.steps, val_before_train=False)
     t0 = time.perf_counter()
     rows = run_recipe(RecipeRun(recipe=arm, workdir=os.path.join(s.out, "runs", key), tiny_dir=world_path(s, seed),
                                 steps=s.steps, overrides=overrides, env=erc_env(s.erc_low, s.erc_high)))

@@ -22,23 +22,24 @@ def test_cells_parse_as_updates_at_learning_rate(tmp_path):
     assert s.cells == ((2, 1e-4), (8, 4e-4))
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--cells", "8"], "UPDATES@LR"),
-        (["--cells", "8@x"], "UPDATES@LR"),
-        (["--cells", "0@1e-4"], "positive"),
-        (["--cells", "8@1e-4,8@1e-4"], "distinct"),
-        (["--cells", "3@1e-4"], "multiple of every cell's updates; not of [3]"),
-        (["--seeds", "1"], "--seeds"),
-        (["--steps", "2"], "--steps"),
-        (["--arms", "dapo"], "--arms"),
-        (["--jobs", "0"], "--jobs"),
-    ],
-)
-def test_bad_flags_are_refused_before_anything_runs(argv, message):
+REFUSED = {  # command line -> what the refusal says
+    "--cells 8": "UPDATES@LR",
+    "--cells 8@x": "UPDATES@LR",
+    "--cells 0@1e-4": "positive",
+    "--cells 8@1e-4,8@1e-4": "distinct",
+    "--cells 3@1e-4": "multiple of every cell's updates; not of [3]",
+    "--seeds 1": "--seeds",
+    "--steps 2": "--steps",
+    "--arms dapo": "--arms",
+    "--jobs 0": "--jobs",
+}
+
+
+@pytest.mark.parametrize("command_line", REFUSED)
+def test_bad_flags_are_refused_before_anything_runs(command_line):
+    message = REFUSED[command_line]
     with pytest.raises(SystemExit) as exc:
-        _settings(*argv)
+        _settings(*command_line.split())
     assert message in str(exc.value)
 
 
