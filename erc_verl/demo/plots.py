@@ -220,15 +220,16 @@ CURVES = (
 def plot_training_curves(rows_by_arm: Mapping[str, Sequence[Mapping]], path: str, title: str = "") -> str:
     """Figure 2-style curves per arm from verl's logged metrics (one row per step, as its file logger writes)."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    for arm, rows in rows_by_arm.items():
+    for index, (arm, rows) in enumerate(rows_by_arm.items()):
+        color = f"C{index}"  # one colour per arm in every panel, also where only ERC arms have a curve
         for ax, (key, name) in zip(axes.flat, CURVES):
             steps, values = metrics.series(rows, key)
-            line = ax.plot(steps, values, label=arm, lw=1.3)[0] if len(steps) else None
+            if len(steps):
+                ax.plot(steps, values, label=arm, lw=1.3, color=color)
             val_key = metrics.val_accuracy_key(rows) if key == metrics.REWARD else None
             if val_key:
                 val_steps, val = metrics.series(rows, val_key)
-                ax.plot(val_steps, val, ls=":", marker="o", ms=3, lw=1, label=f"{arm} (validation)",
-                        color=line.get_color() if line else None)
+                ax.plot(val_steps, val, ls=":", marker="o", ms=3, lw=1, label=f"{arm} (validation)", color=color)
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("RL step")
     for ax in axes.flat:

@@ -226,7 +226,8 @@ def summarize(records: dict[str, dict], s: SweepSettings):
                 row[arm], row[f"{arm}_ci"] = mean_ci(values)
             diffs = [b - a for a, b in zip(by_arm[base], by_arm[other])]
             row["diff"], row["diff_ci"] = mean_ci(diffs)
-            row[f"{other}_lower"] = sum(d < 0 for d in diffs if not math.isnan(d))
+            paired = [d for d in diffs if not math.isnan(d)]  # seeds where both arms logged the metric
+            row[f"{other}_lower"], row["pairs"] = sum(d < 0 for d in paired), len(paired)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -243,9 +244,9 @@ def markdown_table(summary, s: SweepSettings) -> str:
             "|---|---|---|---|---|---|---|")
     lines = [head]
     for _, r in summary.iterrows():
+        lower = f"{r[other + '_lower']}/{r['pairs']}" if r["pairs"] else "-"
         lines.append(f"| {r['updates']} | {r['lr']:g} | {dict(REPORTED)[r['metric']]} | {_fmt(r[base], r[base + '_ci'])} "
-                     f"| {_fmt(r[other], r[other + '_ci'])} | {_fmt(r['diff'], r['diff_ci'])} "
-                     f"| {r[other + '_lower']}/{s.seeds} |")
+                     f"| {_fmt(r[other], r[other + '_ci'])} | {_fmt(r['diff'], r['diff_ci'])} | {lower} |")
     return "\n".join(lines)
 
 
@@ -293,7 +294,8 @@ def run(s: SweepSettings) -> dict:
         f.write(table + "\n")
     figure = plot_sweep(records, s, os.path.join(s.out, "sweep.png"))
     with open(os.path.join(s.out, "sweep.json"), "w", encoding="utf-8") as f:
-        json.dump({"settings": asdict(s), "seconds": time.perf_counter() - t0}, f, indent=2)
+        json.dump({"settings": asdict(s), "seconds_this_invocation": time.perf_counter() - t0,
+                   "run_seconds_sum": sum(r["wall_s"] for r in records.values())}, f, indent=2)
     print("\n" + table)
     print(f"\nwrote {s.out}/summary.md, summary.csv, sweep.png ({time.perf_counter() - t0:.0f} s)")
     return {"summary": summary, "figure": figure}

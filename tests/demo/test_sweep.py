@@ -70,10 +70,12 @@ def test_summary_pairs_the_arms_by_seed(tmp_path):
     row = summary.loc["entropy_fluct"]
     assert row["dapo"] == pytest.approx(0.6) and row["dapo_erc"] == pytest.approx(0.5)
     assert row["diff"] == pytest.approx(-0.1) and row["diff_ci"] == pytest.approx(0.0, abs=1e-12)
-    assert row["dapo_erc_lower"] == 3
+    assert row["dapo_erc_lower"] == 3 and row["pairs"] == 3
+    assert summary.loc["erc_clipfrac", "pairs"] == 0  # the baseline logs no ERC metric: nothing to pair
     assert math.isnan(summary.loc["erc_clipfrac", "dapo"]) and summary.loc["erc_clipfrac", "dapo_erc"] == 0.02
     table = sweep.markdown_table(sweep.summarize(_records(s), s), s)
     assert "| 2 | 0.0001 | entropy fluctuation | 0.6 ± 0.25 | 0.5 ± 0.25 | -0.1 ± 0 | 3/3 |" in table
+    assert "| 2 | 0.0001 | ERC clip fraction | - | 0.02 ± 0 | - | - |" in table
 
 
 def test_resume_trains_nothing_already_recorded_and_draws_the_figure(tmp_path, monkeypatch):
