@@ -24,9 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from erc_verl.demo.recipe_run import RecipeRunError
+
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
+    except RecipeRunError as error:  # its message already ends with the tail of the run's log
+        raise SystemExit(f"erc-verl {args.command}: {error}") from None
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM or SIGHUP: the runs were stopped on the way out
+        raise SystemExit(f"erc-verl {args.command}: interrupted ({interrupt or 'Ctrl-C'}); every run was stopped.") \
+            from None
     except OSError as error:  # a file the command reads or writes: one line, not a traceback
         if error.filename is None:
             raise

@@ -15,7 +15,7 @@ if [[ ! -f "$HERE/$RECIPE.sh" || "$RECIPE" == common || "$RECIPE" == cpu_tiny ]]
 fi
 
 TINY_DIR=${TINY_DIR:-erc_tiny}                     # the tiny world: model/, train.parquet, val.parquet
-if [[ ! -f "$TINY_DIR/model/config.json" ]]; then   # a warmed-up 2-layer Qwen2 and arithmetic data, ~10 s
+if [[ ! -f "$TINY_DIR/val.parquet" ]]; then         # (written last) a warmed-up 2-layer Qwen2 and data, ~10 s
   "${PYTHON:-python3}" -m erc_verl.demo.tiny_world --out "$TINY_DIR" >/dev/null
 fi
 

@@ -7,5 +7,5 @@
 - ``sweep`` (``erc-verl sweep``): DAPO vs DAPO+ERC over off-policy updates and learning rates, several seeds.
 - ``metrics`` / ``plots``: verl's metrics and ERC's token diagnostics in numbers and figures.
 
-May import everything else in erc_verl; nothing in the algorithm, the seams or the paper tooling imports it.
+May import the algorithm, the seams and the paper tooling; none of them imports it (tests/test_layout.py).
 """

@@ -23,7 +23,7 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -222,7 +222,7 @@ def run(s: DemoSettings) -> dict:
 
     from erc_verl.demo.metrics import SUMMARY_LEGEND, run_summary
     from erc_verl.demo.plots import make_diagnostics_figures, plot_training_curves
-    from erc_verl.demo.recipe_run import check_recipes_present, stop_all_runs
+    from erc_verl.demo.recipe_run import check_recipes_present, runs_stopped_on_exit
     from erc_verl.demo.tiny_world import write_tiny_world
 
     check_recipes_present()
@@ -238,17 +238,16 @@ def run(s: DemoSettings) -> dict:
 
     progress = Progress(s.arms, s.steps, enabled=s.progress)
     try:
-        with ThreadPoolExecutor(max_workers=s.jobs) as pool:
-            try:
-                results = dict(zip(s.arms, pool.map(lambda arm: train_arm(arm, s, progress), s.arms)))
-            except BaseException:
-                stop_all_runs()  # the other arms too, before the pool waits for them
-                raise
+        # exits in reverse: a failure or signal kills every run before the pool waits for its threads
+        with ThreadPoolExecutor(max_workers=s.jobs) as pool, runs_stopped_on_exit():
+            futures = {pool.submit(train_arm, arm, s, progress): arm for arm in s.arms}
+            results = {futures[future]: future.result() for future in as_completed(futures)}  # first failure raises
+        results = {arm: results[arm] for arm in s.arms}
     finally:
         progress.close()
     rows_by_arm = {arm: rows for arm, (rows, _) in results.items()}
     seconds = {arm: round(wall, 1) for arm, (_, wall) in results.items()}
-    trainers = {arm: check_arm(arm, rows_by_arm[arm], s) for arm in s.arms}
+    trainers = {arm: check_arm(arm, rows_by_arm[arm], s.steps, os.path.join(s.out, arm)) for arm in s.arms}
     modes = {arm: line.split(" ", 1)[1] for arm, line in trainers.items()}  # all but the trainer class
     if len(set(modes.values())) > 1:
         raise SystemExit(f"erc-verl demo: the arms ran different trainer modes: {modes}; compare like with like.")
@@ -293,20 +292,20 @@ def run(s: DemoSettings) -> dict:
     return info
 
 
-def check_arm(arm: str, rows: list[dict], s: DemoSettings) -> str:
+def check_arm(arm: str, rows: list[dict], steps: int, run_dir: str) -> str:
     """Every step logged, ERC's metrics present exactly in ERC arms; returns the trainer line verl's run printed."""
     from erc_verl.demo.metrics import ERC_CLIPFRAC, REWARD
     from erc_verl.demo.recipe_run import trainer_identity
 
-    steps = sum(REWARD in row for row in rows)
-    if steps != s.steps:
-        raise SystemExit(f"erc-verl demo: {arm} logged {steps} training steps, expected {s.steps}; "
-                         f"see {s.out}/{arm}/train.log.")
+    logged = sum(REWARD in row for row in rows)
+    if logged != steps:
+        raise SystemExit(f"erc-verl: {arm} logged {logged} training steps, expected {steps}; "
+                         f"see {run_dir}/train.log.")
     logged_erc = any(ERC_CLIPFRAC in row for row in rows)
     if logged_erc != (arm in ERC_ARMS):
-        raise SystemExit(f"erc-verl demo: {arm} {'logged' if logged_erc else 'did not log'} {ERC_CLIPFRAC}: the "
+        raise SystemExit(f"erc-verl: {arm} {'logged' if logged_erc else 'did not log'} {ERC_CLIPFRAC}: the "
                          f"{'ERC' if arm in ERC_ARMS else 'baseline'} loss did not run as its recipe says.")
-    return trainer_identity(os.path.join(s.out, arm, "train.log"))
+    return trainer_identity(os.path.join(run_dir, "train.log"))
 
 
 def _clear_token_files(directory: str):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -26,6 +27,7 @@ CPU_RECIPES = ("dapo", "dapo_erc", "gppo", "gppo_erc", "grpo")
 
 _live: set[subprocess.Popen] = set()  # runs in flight, from any thread
 _live_lock = threading.Lock()
+_stopping = False  # set by stop_all_runs: a run starting after it is killed at once
 
 
 class RecipeRunError(RuntimeError):
@@ -117,7 +119,10 @@ def run_recipe(run: RecipeRun, on_step: Optional[Callable[[dict], None]] = None,
         proc = subprocess.Popen(run.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         with _live_lock:
             _live.add(proc)
+            stopping = _stopping
         try:
+            if stopping:
+                raise RecipeRunError(f"{run.recipe} in {run.workdir}: stopped, the command is shutting down")
             while True:
                 done = proc.poll() is not None
                 new, offset = _read_new_rows(run.metrics_path, offset)
@@ -128,16 +133,14 @@ def run_recipe(run: RecipeRun, on_step: Optional[Callable[[dict], None]] = None,
                 if done:
                     break
                 time.sleep(poll_s)
-        except BaseException:
-            _kill(proc)
-            raise
         finally:
+            _kill(proc)  # also what a finished run left behind in its group
             with _live_lock:
                 _live.discard(proc)
     if proc.returncode != 0 or not rows:
         with open(run.log_path, encoding="utf-8", errors="replace") as f:
             tail = "".join(f.readlines()[-40:])
-        what = f"exited with code {proc.returncode}" if proc.returncode else "logged no training step"
+        what = f"exited with code {proc.returncode}" if proc.returncode else "logged no metrics"
         raise RecipeRunError(f"{run.recipe} in {run.workdir} {what}; last lines of {run.log_path}:\n{tail}")
     return rows
 
@@ -152,15 +155,41 @@ def trainer_identity(log_path: str) -> str:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+    """SIGKILL the run's whole process group (bash, main_ppo, Ray, vLLM), alive or finished."""
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is gone already
     proc.wait()
 
 
 def stop_all_runs() -> None:
-    """Kill every run still in flight (Ctrl-C, or another run failed): their process groups run detached from
-    the terminal's, so they would otherwise go on training after the command has stopped."""
+    """Kill every run in flight and any that starts from now on (Ctrl-C, a signal, or another run failed): their
+    process groups run detached from the terminal's, so they would otherwise go on training."""
+    global _stopping
     with _live_lock:
+        _stopping = True
         procs = list(_live)
     for proc in procs:
         _kill(proc)
+
+
+@contextmanager
+def runs_stopped_on_exit():
+    """Within it, SIGTERM and SIGHUP (a job's timeout, a closed terminal) end the command as Ctrl-C does, and
+    leaving it on any exception kills every run; without this the detached runs would outlive the command."""
+    global _stopping
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    _stopping = False
+    try:
+        yield
+    except BaseException:
+        stop_all_runs()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

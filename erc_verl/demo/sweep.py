@@ -103,7 +103,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         raise SystemExit(f"erc-verl sweep: --arms needs two or more distinct recipes from {', '.join(CPU_RECIPES)}, "
                          f"got {args.arms!r}.")
     if args.seeds < 2:
-        raise SystemExit("erc-verl sweep: --seeds must be >= 2 (an interval needs a spread); the issue asks for 5.")
+        raise SystemExit("erc-verl sweep: --seeds must be >= 2 (an interval needs a spread); the README's sweep uses 5.")
     for flag in ("steps", "prompts", "val_prompts", "val_n", "jobs"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"erc-verl sweep: --{flag.replace('_', '-')} must be positive.")
@@ -143,39 +143,53 @@ def run_sweep(s: SweepSettings) -> dict[str, dict]:
     """Train every missing (cell, seed, arm), ``s.jobs`` at a time; returns the records of the whole plan."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from erc_verl.demo.recipe_run import check_recipes_present, stop_all_runs
+    from erc_verl.demo.recipe_run import check_recipes_present, runs_stopped_on_exit
     from erc_verl.demo.tiny_world import write_tiny_world
 
     check_recipes_present()
     os.makedirs(s.out, exist_ok=True)
     runs_path = os.path.join(s.out, "runs.jsonl")
     done = load_runs(runs_path)
+    check_same_run_settings(done, s, runs_path)
     plan = [(u, lr, seed, arm) for seed in range(s.seeds) for (u, lr) in s.cells for arm in s.arms]
     todo = [p for p in plan if run_key(*p) not in done]
     print(f"erc-verl sweep: {len(plan)} runs ({len(s.cells)} cells x {s.seeds} seeds x {len(s.arms)} arms), "
           f"{len(plan) - len(todo)} already in {runs_path}; {s.jobs} at a time", flush=True)
     for seed in sorted({seed for _, _, seed, _ in todo}):  # each seed's warm-up, before any run starts
         world_dir = world_path(s, seed)
-        if not os.path.exists(os.path.join(world_dir, "model", "config.json")):
+        if not os.path.exists(os.path.join(world_dir, "val.parquet")):  # written last: the world is complete
             write_tiny_world(world_dir, seed=seed, warmup_steps=s.warmup_steps, val_prompts=s.val_prompts)
 
-    with ThreadPoolExecutor(max_workers=s.jobs) as pool, open(runs_path, "a", encoding="utf-8") as log:
+    # exits in reverse: a failure or signal kills every run before the pool waits for its threads
+    with ThreadPoolExecutor(max_workers=s.jobs) as pool, runs_stopped_on_exit(), \
+            open(runs_path, "a", encoding="utf-8") as log:
         futures = [pool.submit(_train_one, s, *item) for item in todo]
-        try:
-            for index, future in enumerate(as_completed(futures), 1):
-                record = future.result()  # a failed run stops the sweep; finished runs stay in runs.jsonl
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                done[record["key"]] = record
-                print(f"[{index}/{len(todo)}] {record['key']}: {record['wall_s']:.0f} s, final acc "
-                      f"{record['val_acc_end']:.3f}, entropy fluct {record['entropy_fluct']:.4f}, grad-norm fluct "
-                      f"{record['grad_norm_fluct']:.4f}, ERC clip {record['erc_clipfrac']:.4f}", flush=True)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            stop_all_runs()
-            raise
+        for index, future in enumerate(as_completed(futures), 1):
+            record = future.result()  # a failed run stops the sweep; finished runs stay in runs.jsonl
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            done[record["key"]] = record
+            print(f"[{index}/{len(todo)}] {record['key']}: {record['wall_s']:.0f} s, final acc "
+                  f"{record['val_acc_end']:.3f}, entropy fluct {record['entropy_fluct']:.4f}, grad-norm fluct "
+                  f"{record['grad_norm_fluct']:.4f}, ERC clip {record['erc_clipfrac']:.4f}", flush=True)
     return {run_key(*p): done[run_key(*p)] for p in plan}
+
+
+def run_settings(s: SweepSettings) -> dict:
+    """What every run of one sweep must share (cells, seeds, arms and jobs only choose which runs there are)."""
+    return {k: getattr(s, k) for k in ("steps", "prompts", "n", "erc_low", "erc_high", "warmup_steps", "val_prompts",
+                                       "val_n")}
+
+
+def check_same_run_settings(done: dict[str, dict], s: SweepSettings, runs_path: str) -> None:
+    """Resuming with other per-run settings would average unlike runs: refused, naming what differs."""
+    wanted = run_settings(s)
+    for record in done.values():
+        differ = {k: (record["settings"].get(k), v) for k, v in wanted.items() if record["settings"].get(k) != v}
+        if differ:
+            raise SystemExit(f"erc-verl sweep: {runs_path} holds runs made with other settings "
+                             f"({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in differ.items())}); "
+                             "use another --out or the same flags.")
 
 
 def world_path(s: SweepSettings, seed: int) -> str:
@@ -184,7 +198,7 @@ def world_path(s: SweepSettings, seed: int) -> str:
 
 def _train_one(s: SweepSettings, updates: int, lr: float, seed: int, arm: str) -> dict:
     """One run through recipe/cpu_tiny.sh; its summary as a runs.jsonl record."""
-    from erc_verl.demo.demo import erc_env
+    from erc_verl.demo.demo import check_arm, erc_env
     from erc_verl.demo.metrics import run_summary
     from erc_verl.demo.recipe_run import RecipeRun, run_recipe, training_overrides
 
@@ -193,13 +207,23 @@ def _train_one(s: SweepSettings, updates: int, lr: float, seed: int, arm: str) -
     overrides = training_overrides(prompts=s.prompts, n=s.n, updates=updates, lr=lr, seed=seed, val_n=s.val_n,
                                    test_freq=s.steps, val_before_train=False)
     t0 = time.perf_counter()
-    rows = run_recipe(RecipeRun(recipe=arm, workdir=os.path.join(s.out, "runs", key), tiny_dir=world_path(s, seed),
-                                steps=s.steps, overrides=overrides, env=erc_env(s.erc_low, s.erc_high)))
-    return {"key": key, "updates": updates, "lr": lr, "seed": seed, "arm": arm,
-            "wall_s": round(time.perf_counter() - t0, 1), **run_summary(rows)}
+    run_dir = os.path.join(s.out, "runs", key)
+    rows = run_recipe(RecipeRun(recipe=arm, workdir=run_dir, tiny_dir=world_path(s, seed), steps=s.steps,
+                                overrides=overrides, env=erc_env(s.erc_low, s.erc_high)))
+    trainer = check_arm(arm, rows, s.steps, run_dir)
+    return {"key": key, "updates": updates, "lr": lr, "seed": seed, "arm": arm, "settings": run_settings(s),
+            "trainer": trainer, "wall_s": round(time.perf_counter() - t0, 1), **run_summary(rows)}
 
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# 97.5% quantiles of Student's t by degrees of freedom (two-sided 95% interval)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t_975(df: int) -> float:
+    """The tabled quantile at the nearest tabled df at or below ``df`` (slightly wide, never narrow)."""
+    return T_975[max(k for k in T_975 if k <= df)]
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -207,7 +231,7 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     x = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
     if len(x) < 2:
         return (float(x[0]) if len(x) else math.nan), math.nan
-    t = T_975.get(len(x) - 1, 1.96)
+    t = t_975(len(x) - 1)
     return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(len(x)))
 
 

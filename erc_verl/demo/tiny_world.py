@@ -29,7 +29,7 @@ from erc_verl.demo.task import (
     build_policy,
     build_tokenizer,
     encode_prompts,
-    generate,
+    greedy_responses,
     sample_problems,
     warm_up,
 )
@@ -103,8 +103,8 @@ def write_tiny_world(
 
 def greedy_accuracy(model, tokenizer, problems: list[Problem]) -> float:
     """Fraction of problems whose greedy answer is exactly the reference ``\\boxed{answer}``."""
-    responses, mask = generate(model, encode_prompts(tokenizer, problems), tokenizer.eos_token_id,
-                               tokenizer.pad_token_id, generator=None, greedy=True)
+    responses = greedy_responses(model, encode_prompts(tokenizer, problems), tokenizer.eos_token_id,
+                                 tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return sum(text == p.response for text, p in zip(texts, problems)) / len(problems)
 

@@ -4,7 +4,7 @@ verl's ``verl.workers.utils.losses.ppo_loss`` calls the registered policy loss w
 arguments and no entropies. For ERC losses this function does the same work with ``entropy=``
 (current policy, from the model output of the update micro-batch) and ``old_entropy=`` (the field the
 ERC trainer adds to the batch from verl's own ``compute_log_prob`` pass). Every other loss mode is
-delegated to verl's ``ppo_loss`` untouched. ``tests/test_actor_loss.py`` checks that the ERC path with
+delegated to verl's ``ppo_loss`` untouched. ``tests/seams/test_actor_loss.py`` checks that the ERC path with
 bounds (0, inf) reproduces verl's ``ppo_loss`` exactly, so a change in verl's loss shows up as a failure.
 
 ``positive_nll_coeff > 0`` (default 0, the paper as written) adds the reference fork's undocumented extra

@@ -93,14 +93,15 @@ def test_check_arm_refuses_missing_steps_and_a_silent_erc_arm(tmp_path):
     (tmp_path / "dapo_erc").mkdir()
     (tmp_path / "dapo_erc" / "train.log").write_text("(ERCTaskRunnerV1 pid=1) erc-verl: trainer=ERCPPOTrainerSync x\n")
     erc_rows = [{"step": i, "critic/score/mean": 0.5, "actor/erc_clipfrac": 0.01} for i in (1, 2)]
-    assert demo.check_arm("dapo_erc", erc_rows, s) == "trainer=ERCPPOTrainerSync x"
+    run_dir = str(tmp_path / "dapo_erc")
+    assert demo.check_arm("dapo_erc", erc_rows, s.steps, run_dir) == "trainer=ERCPPOTrainerSync x"
     with pytest.raises(SystemExit, match="logged 1 training steps, expected 2"):
-        demo.check_arm("dapo_erc", erc_rows[:1], s)
+        demo.check_arm("dapo_erc", erc_rows[:1], s.steps, run_dir)
     plain_rows = [{"step": i, "critic/score/mean": 0.5} for i in (1, 2)]
     with pytest.raises(SystemExit, match="did not log actor/erc_clipfrac: the ERC loss did not run"):
-        demo.check_arm("dapo_erc", plain_rows, s)
+        demo.check_arm("dapo_erc", plain_rows, s.steps, run_dir)
     with pytest.raises(SystemExit, match="logged actor/erc_clipfrac: the baseline loss did not run"):
-        demo.check_arm("dapo", erc_rows, s)
+        demo.check_arm("dapo", erc_rows, s.steps, run_dir)
 
 
 @pytest.mark.integration

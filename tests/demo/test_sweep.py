@@ -58,6 +58,7 @@ def _records(s: sweep.SweepSettings) -> dict[str, dict]:
             for arm in s.arms:
                 key = sweep.run_key(updates, lr, seed, arm)
                 records[key] = {"key": key, "updates": updates, "lr": lr, "seed": seed, "arm": arm,
+                                "settings": sweep.run_settings(s),
                                 "entropy_fluct": 0.5 + seed / 10 - (0.1 if arm == "dapo_erc" else 0.0),
                                 "grad_norm_fluct": 1.0, "val_acc_end": 0.4, "ppo_kl": 0.001,
                                 "erc_clipfrac": 0.02 if arm == "dapo_erc" else float("nan"), "wall_s": 1.0}
@@ -87,3 +88,16 @@ def test_resume_trains_nothing_already_recorded_and_draws_the_figure(tmp_path, m
     assert set(result["summary"]["metric"]) == {m for m, _ in sweep.REPORTED}
     assert matplotlib.image.imread(result["figure"]).shape[0] > 100
     assert (tmp_path / "summary.md").read_text().startswith("| updates/rollout |")
+
+
+def test_resuming_with_other_run_settings_is_refused(tmp_path, monkeypatch):
+    s = _settings("--cells", "2@1e-4", "--seeds", "2", "--out", str(tmp_path))
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(s).values()))
+    monkeypatch.setattr(sweep, "_train_one", lambda *a: pytest.fail("trained"))
+    longer = _settings("--cells", "2@1e-4", "--seeds", "2", "--steps", "20", "--out", str(tmp_path))
+    with pytest.raises(SystemExit, match="other settings \\(steps: 10 there, 20 now\\)"):
+        sweep.run_sweep(longer)
+
+
+def test_t_quantile_is_never_narrower_than_students():
+    assert sweep.t_975(4) == 2.776 and sweep.t_975(11) == 2.201 and sweep.t_975(22) == 2.086

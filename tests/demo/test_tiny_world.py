@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from erc_verl.demo.task import MAX_RESPONSE_LEN, PROMPT_LEN, build_tokenizer, generate, sample_problems
+from erc_verl.demo.task import MAX_RESPONSE_LEN, PROMPT_LEN, build_tokenizer, greedy_responses, sample_problems
 from erc_verl.paper.reward import compute_score
 from erc_verl.demo.tiny_world import TinyWorld, write_tiny_world
 
@@ -145,7 +145,7 @@ def test_warmed_up_model_is_sometimes_right(world, tokenizer, model):
     prompts = torch.tensor([normalize_token_ids(tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=True))
                             for m in messages])
     assert prompts.shape == (VAL_PROMPTS, PROMPT_LEN)
-    responses, _ = generate(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, None, greedy=True)
+    responses = greedy_responses(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     scores = np.array([compute_score("erc_demo/arithmetic", text, rm["ground_truth"])
                        for text, rm in zip(texts, frame["reward_model"])])

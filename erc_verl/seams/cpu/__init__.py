@@ -7,6 +7,5 @@ For tests, debugging recipes and the demo; GPU clusters never load any of it. Se
 - ``platform``: ``PlatformCPU``, registered in verl's own platform registry as ``cpu``.
 - ``patches``: the few verl / vLLM workarounds CPU mode needs, each version-guarded.
 
-May import verl, vLLM and the seams' errors and sizes (``errors``, ``preflight``); never the ERC algorithm,
-the paper tooling or the demo.
+May import verl, vLLM and the other seams (``errors``, ``preflight``); never the paper tooling or the demo.
 """
