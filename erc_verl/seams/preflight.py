@@ -343,7 +343,8 @@ def check_gpu_count(config, resources: Optional[dict] = None) -> None:
         raise ConfigError(
             f"{asked} = {need} GPUs, but the Ray cluster has {have:g}; set trainer.n_gpus_per_node= and "
             "trainer.nnodes= (recipes: GPUS_PER_NODE=, NNODES=) to the GPUs you have, or join more nodes to the "
-            "cluster (with VERL_PLATFORM=cpu the GPUs are the logical ray_kwargs.ray_init.num_gpus)"
+            "cluster (with VERL_PLATFORM=cpu the GPUs are logical: ray_kwargs.ray_init.num_gpus for a run that starts "
+            "its own Ray, ray start --num-gpus=N on each node of a running cluster)"
         )
 
 

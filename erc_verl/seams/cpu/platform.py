@@ -22,11 +22,12 @@ from verl.plugin.platform.platform_manager import PlatformRegistry
 from erc_verl.seams.cpu import device as cpu_device
 
 PLATFORM_NAME = "cpu"
+PLATFORM_ENV = "VERL_PLATFORM"  # verl's platform switch, read in every process
 
 
 def cpu_mode_selected() -> bool:
     """True when ``VERL_PLATFORM=cpu`` (the one documented switch for CPU mode)."""
-    return os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME
+    return os.environ.get(PLATFORM_ENV, "").strip().lower() == PLATFORM_NAME
 
 
 @PlatformRegistry.register(platform=PLATFORM_NAME)

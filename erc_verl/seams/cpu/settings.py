@@ -9,7 +9,9 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from erc_verl.seams.errors import ConfigError
+from erc_verl.seams.cpu.platform import PLATFORM_ENV, PLATFORM_NAME
 from erc_verl.seams.preflight import total_gpus
+from erc_verl.seams.ray_address import cluster_to_join, job_env_vars
 
 # key -> value; each needed by vLLM's CPU backend or by verl on a machine without GPUs
 REQUIRED = {
@@ -56,14 +58,45 @@ def apply_cpu_mode(config: DictConfig) -> list[str]:
             if OmegaConf.select(config, key) != value:
                 OmegaConf.update(config, key, value, force_add=True)
                 changed.append(f"{key}={value}")
-        gpus = total_gpus(config)
-        ray_init = config.ray_kwargs.ray_init
+        changed += _ray_settings(config.ray_kwargs.ray_init, total_gpus(config))
+    return changed
+
+
+def _ray_settings(ray_init: DictConfig, gpus: int) -> list[str]:
+    """CPU mode in every Ray worker, and logical GPUs where this driver starts Ray itself.
+
+    A driver that starts Ray declares the logical GPUs and CPUs verl's pools ask for, and its workers inherit
+    its environment. A driver that joins a running cluster (``RAY_ADDRESS``, ``ray job submit``, ``ray start``
+    on this machine) may not declare resources (Ray refuses), so the cluster's own GPUs are checked after
+    ``ray.init`` (erc_verl.seams.preflight.check_gpu_count), and its workers inherit their raylet's
+    environment, not this one: ``VERL_PLATFORM=cpu`` travels in the job's runtime env, to every node.
+    """
+    changed = []
+    address = cluster_to_join(ray_init)
+    if address is None:
         if ray_init.get("num_gpus") is None:
             ray_init.num_gpus = gpus
             changed.append(f"ray_kwargs.ray_init.num_gpus={gpus} (logical)")
         if ray_init.get("num_cpus") is None:
             ray_init.num_cpus = RAY_BASE_CPUS + RAY_CPUS_PER_GPU * gpus
             changed.append(f"ray_kwargs.ray_init.num_cpus={ray_init.num_cpus} (logical)")
+    else:
+        for key in ("num_gpus", "num_cpus"):
+            if ray_init.get(key) is not None:
+                raise ConfigError(
+                    f"ray_kwargs.ray_init.{key}={ray_init.get(key)}: this run joins the Ray cluster at {address}, "
+                    f"where Ray refuses it; drop it (each node declares its own: ray start --{key.replace('_', '-')}=N)."
+                )
+    job_platform = job_env_vars().get(PLATFORM_ENV)
+    if job_platform is None:  # a job's own env var may not be set twice (Ray refuses the merge)
+        if OmegaConf.select(ray_init, f"runtime_env.env_vars.{PLATFORM_ENV}") != PLATFORM_NAME:
+            OmegaConf.update(ray_init, f"runtime_env.env_vars.{PLATFORM_ENV}", PLATFORM_NAME, force_add=True)
+            changed.append(f"ray_kwargs.ray_init.runtime_env.env_vars.{PLATFORM_ENV}=cpu")
+    elif job_platform.strip().lower() != PLATFORM_NAME:
+        raise ConfigError(
+            f"the Ray job's runtime env sets {PLATFORM_ENV}={job_platform!r} for its workers, but this driver runs "
+            f"CPU mode ({PLATFORM_ENV}=cpu); submit the job with the same {PLATFORM_ENV} for both."
+        )
     return changed
 
 

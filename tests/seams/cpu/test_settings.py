@@ -12,10 +12,19 @@ from erc_verl.configs import CONFIG_DIR
 from erc_verl.seams.cpu import settings
 from erc_verl.seams.cpu.settings import apply_cpu_mode
 from erc_verl.seams.errors import ConfigError
+from erc_verl.seams.ray_address import JOB_CONFIG_ENV
 
 # GRPO, as every CPU run and ERC recipe (verl's default estimator is GAE, which adds a critic)
 BASE = ("actor_rollout_ref.actor.strategy=fsdp2", "trainer.n_gpus_per_node=2", "trainer.nnodes=1",
         "algorithm.adv_estimator=grpo")
+
+
+@pytest.fixture(autouse=True)
+def no_running_ray_cluster(monkeypatch, tmp_path):
+    """Ray's own rule would join a cluster that `ray start` left on this machine (tests start some)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
 
 
 def compose_erc(*overrides):
@@ -40,7 +49,9 @@ def test_sets_what_cpu_mode_needs_and_says_what_changed():
         "actor_rollout_ref.model.override_config.attn_implementation=sdpa",
         "ray_kwargs.ray_init.num_gpus=2 (logical)",
         f"ray_kwargs.ray_init.num_cpus={settings.RAY_BASE_CPUS + 8} (logical)",
+        "ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM=cpu",
     ]
+    assert config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM == "cpu"
     assert OmegaConf.is_struct(config), "the config must stay closed to typos after the keys are added"
     assert apply_cpu_mode(config) == [], "a second application changes nothing"
 
@@ -63,6 +74,7 @@ def test_leaves_the_users_ray_resources_and_sizes_alone():
         "actor_rollout_ref.rollout.enable_sleep_mode=False",
         "actor_rollout_ref.rollout.free_cache_engine=False",
         "actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM=cpu",
     ]
 
 
@@ -130,3 +142,46 @@ def test_fsdp1_is_what_torch_refuses_on_cpu(free_port):
             FullyShardedDataParallel(torch.nn.Linear(4, 4), device_id="cpu", sync_module_states=True)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("join", ["RAY_ADDRESS", "ray start", "ray_init.address"])
+def test_joining_a_running_cluster_declares_no_resources(join, monkeypatch, tmp_path):
+    """Ray refuses num_gpus/num_cpus from a driver that joins a cluster (ValueError in ray.init): a Ray job's
+    driver (RAY_ADDRESS), a cluster `ray start` left on this machine, or an address in the config."""
+    overrides = []
+    if join == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", "head-node:6390")
+    elif join == "ray start":
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text("head-node:6390")
+    else:
+        overrides = ["+ray_kwargs.ray_init.address=head-node:6390"]
+    config = compose_erc(*overrides)
+    changed = apply_cpu_mode(config)
+    assert config.ray_kwargs.ray_init.get("num_gpus") is None and config.ray_kwargs.ray_init.num_cpus is None
+    assert not [c for c in changed if "num_gpus" in c or "num_cpus" in c]
+    # the cluster's workers get CPU mode from the job's runtime env, whatever their raylets were started with
+    assert config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM == "cpu"
+
+
+@pytest.mark.parametrize("key", ["+ray_kwargs.ray_init.num_gpus=2", "ray_kwargs.ray_init.num_cpus=8"])
+def test_resources_declared_while_joining_are_refused_naming_the_key(key, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "head-node:6390")
+    name = key.lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{name}=\d+: this run joins the Ray cluster at head-node:6390.*ray start --num-"):
+        apply_cpu_mode(compose_erc(key))
+
+
+def test_inside_a_ray_job_the_jobs_own_platform_variable_is_kept(monkeypatch):
+    """Ray refuses to merge a driver's env var with the job's same one: a job that already carries
+    VERL_PLATFORM=cpu gets nothing added; one that carries another platform is refused."""
+    import json
+
+    monkeypatch.setenv("RAY_ADDRESS", "head-node:6390")
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"env_vars": {"VERL_PLATFORM": "cpu"}}}))
+    config = compose_erc()
+    assert not [c for c in apply_cpu_mode(config) if "VERL_PLATFORM" in c]
+    assert "env_vars" not in config.ray_kwargs.ray_init.runtime_env
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"env_vars": {"VERL_PLATFORM": "cuda"}}}))
+    with pytest.raises(ConfigError, match="the Ray job's runtime env sets VERL_PLATFORM='cuda'"):
+        apply_cpu_mode(compose_erc())
