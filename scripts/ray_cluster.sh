@@ -12,7 +12,7 @@ REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
 RAY_BIN="${RAY_BIN:-ray}"
 PYTHON_BIN="${PYTHON_BIN:-python3}"
 RAY_PORT="${RAY_PORT:-6379}"
-RAY_DASHBOARD_HOST="${RAY_DASHBOARD_HOST:-0.0.0.0}"
+RAY_DASHBOARD_HOST="${RAY_DASHBOARD_HOST:-127.0.0.1}"  # Ray's default: the job API on loopback only
 RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 RAY_NUM_CPUS="${RAY_NUM_CPUS:-}"
 RAY_NUM_GPUS="${RAY_NUM_GPUS:-}"
@@ -36,7 +36,10 @@ Commands:
   stop                          stop every Ray process on THIS node ('ray stop')
 
 Environment (defaults in brackets):
-  RAY_PORT [6379]  RAY_DASHBOARD_HOST [0.0.0.0]  RAY_DASHBOARD_PORT [8265]
+  RAY_PORT [6379]  RAY_DASHBOARD_PORT [8265]
+  RAY_DASHBOARD_HOST [127.0.0.1]  where the dashboard and its job API listen; anyone who reaches them can run
+                   code on the cluster, so 0.0.0.0 only on a trusted network (or keep 127.0.0.1 and
+                   reach it through an SSH tunnel: ssh -L 8265:127.0.0.1:8265 <head>)
   RAY_HEAD_IP      address to advertise [first of 'hostname -I', else 127.0.0.1]
   RAY_NUM_CPUS / RAY_NUM_GPUS   resources of this node [detected by Ray]
   RAY_JOB_ADDRESS  where 'submit' sends jobs [http://127.0.0.1:\$RAY_DASHBOARD_PORT]
@@ -95,7 +98,7 @@ cmd_head() {
   ip="$(head_ip)"
   mapfile -t res < <(resource_args)
   echo "Ray head: ${ip}:${RAY_PORT}   (join with: $0 worker ${ip}:${RAY_PORT})"
-  echo "Dashboard / job server: http://${ip}:${RAY_DASHBOARD_PORT}"
+  echo "Dashboard / job server: http://${RAY_DASHBOARD_HOST}:${RAY_DASHBOARD_PORT}"
   exec "${RAY_BIN}" start --head --node-ip-address="${ip}" --port="${RAY_PORT}" \
     --dashboard-host="${RAY_DASHBOARD_HOST}" --dashboard-port="${RAY_DASHBOARD_PORT}" \
     ${res[@]+"${res[@]}"} "$@"

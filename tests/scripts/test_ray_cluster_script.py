@@ -86,6 +86,17 @@ def fake_ray(tmp_path: Path) -> Path:
     return fake
 
 
+def test_head_keeps_the_dashboard_and_job_api_on_loopback_unless_asked(fake_ray, tmp_path):
+    """The dashboard accepts job submissions (code execution): Ray binds it to 127.0.0.1 by default, so do we."""
+    env = {"RAY_BIN": str(fake_ray), "FAKE_RAY_OUT": str(tmp_path), "RAY_HEAD_IP": "127.0.0.1"}
+    res = _run("head", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "--dashboard-host=127.0.0.1" in (tmp_path / "args").read_text().split()
+    assert "http://127.0.0.1:8265" in res.stdout
+    res = _run("head", env={**env, "RAY_DASHBOARD_HOST": "0.0.0.0"})  # a trusted network, on purpose
+    assert "--dashboard-host=0.0.0.0" in (tmp_path / "args").read_text().split()
+
+
 def test_worker_validates_the_head_address(fake_ray, tmp_path):
     env = {"RAY_BIN": str(fake_ray), "FAKE_RAY_OUT": str(tmp_path)}
     res = _run("worker", env=env)
