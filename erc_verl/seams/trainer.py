@@ -118,8 +118,33 @@ def erc_trainer_registered(trainer_mode: str):
         trainer_base.TRAINER_REGISTRY[trainer_mode] = verl_cls
 
 
+class TrainingComplete(Exception):
+    """The checkpoint a run resumes from already reached ``total_training_steps``: there is nothing left to train."""
+
+
 class ERCRayPPOTrainer(RayPPOTrainer):
-    """verl's legacy (``trainer.use_v1=False``) trainer with the ERC plumbing."""
+    """verl's legacy (``trainer.use_v1=False``) trainer with the ERC plumbing.
+
+    ``erc_verl.main_ppo`` builds it for every V0 run, ERC or not, so an ERC run and its baseline share its one
+    fix to verl: resumed from a checkpoint at ``total_training_steps``, verl 0.9.1's ``fit`` trains one step past
+    the end and saves it (``global_steps += 1`` comes before its last-step check; each restart of a finished job
+    adds a step: verl-project/verl PR #6232, open). verl's V1 trainers stop there already.
+    """
+
+    def fit(self):
+        try:
+            return super().fit()
+        except TrainingComplete as done:
+            print(f"erc-verl: {done}", flush=True)
+
+    def _load_checkpoint(self):
+        """verl's ``fit`` calls this first; past the end, stop before its loop (and before validation)."""
+        super()._load_checkpoint()
+        if self.global_steps >= self.total_training_steps:
+            raise TrainingComplete(
+                f"resumed at global step {self.global_steps} of trainer.total_training_steps="
+                f"{self.total_training_steps}: training is complete, nothing to do"
+            )
 
     def __init__(self, config, *args, role_worker_mapping: dict, **kwargs):
         if plugin_actor_loss_enabled(config):

@@ -291,3 +291,28 @@ def test_positive_nll_term_puts_the_plugin_loss_in_front_of_a_baseline(loss_mode
     config, stock, ours = _worker_mappings("sync", True, loss_mode)
     assert not plugin_actor_loss_enabled(config)
     assert {r: w.__ray_actor_class__ for r, w in ours.items()} == {r: w.__ray_actor_class__ for r, w in stock.items()}
+
+
+def test_v0_resumed_at_the_last_step_trains_nothing(monkeypatch):
+    """verl 0.9.1's V0 fit trains one step past total_training_steps when resumed from the final checkpoint
+    (seen end to end: resumed at global_step_3 of 3, it trained and saved step 4). The ERC trainer, which V0 runs
+    of erc_verl.main_ppo use whatever the loss, stops right after loading that checkpoint."""
+    import inspect
+
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    from erc_verl.seams.trainer import TrainingComplete
+
+    fit = inspect.getsource(RayPPOTrainer.fit)  # where the override takes effect, in the verl version installed
+    assert fit.index("self._load_checkpoint()") < fit.index("self.global_steps += 1") < fit.index("for epoch in range")
+    trainer = ERCRayPPOTrainer.__new__(ERCRayPPOTrainer)
+    trainer.total_training_steps = 3
+    for resumed_at, complete in ((2, False), (3, True), (5, True)):
+        monkeypatch.setattr(RayPPOTrainer, "_load_checkpoint", lambda self, step=resumed_at: setattr(self, "global_steps", step))
+        if complete:
+            with pytest.raises(TrainingComplete, match=f"resumed at global step {resumed_at} of trainer.total_training_steps=3"):
+                trainer._load_checkpoint()
+        else:
+            trainer._load_checkpoint()
+    monkeypatch.setattr(RayPPOTrainer, "fit", lambda self: self._load_checkpoint())
+    assert trainer.fit() is None  # the run ends cleanly, with a line saying why
