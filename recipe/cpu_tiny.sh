@@ -26,7 +26,9 @@ export CKPT_DIR="$TINY_DIR/checkpoints"
 # prompts and mini-batches grow with the rank count and each rank gets whole ones (16 samples per update).
 export NNODES=${NNODES:-1} GPUS_PER_NODE=${GPUS_PER_NODE:-1} TP_SIZE=1 SP_SIZE=1 OFFLOAD=False
 RANKS=$(( NNODES * GPUS_PER_NODE ))
-export GPU_MEM=${GPU_MEM:-0.05}                     # vLLM-CPU: the fraction of host memory for its KV cache
+# vLLM-CPU: this fraction of the NUMA node's memory, less the engine's own resident memory, is its KV cache
+# (0.05 left none for a replica on a 2-node cluster here: 0.67 GiB of a 13.5 GiB node, 0.74 GiB resident)
+export GPU_MEM=${GPU_MEM:-0.08}
 export MAX_PROMPT_LEN=8 MAX_RESPONSE_LEN=8 VAL_MAX_RESPONSE_LEN=8 MAX_TOKENS_PER_GPU=512
 
 exec bash "$HERE/$RECIPE.sh" \

@@ -1,95 +1,19 @@
 """verl's whole trainer on CPU, through erc_verl's entry point and recipes: the product's real path.
 
-Each fixture below is one real run (2 steps, a tiny warmed-up Qwen2 that earns the math reward, so
+Each fixture below is one real run on one rank (2 steps, a tiny warmed-up Qwen2 that earns the math reward, so
 advantages and gradients are non-zero). ERC runs use a band tight enough to act at this scale
-(0.995 / 1.002: the paper's 0.95 / 1.05 clips nothing on a 2-layer model in 2 steps).
+(0.995 / 1.002: the paper's 0.95 / 1.05 clips nothing on a 2-layer model in 2 steps). Several ranks, two Ray
+nodes, and the colocate_async and legacy V0 trainers (killed and resumed) are in test_cluster_path.py.
 """
 
 from __future__ import annotations
 
-import math
-import sys
-
 import pytest
 
-from e2e_harness import REPO, run_training
-
-from erc_verl.algorithm.gate import ERC_EXTREME_METRICS, ERC_TOKEN_MEAN_METRICS
+from e2e_harness import (POSITIVE_NLL, TIGHT_BAND, check_erc_acted, check_learning_signal, check_no_erc,
+                         check_positive_nll, main_ppo, recipe, run_training)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
-
-TIGHT_BAND = ["actor_rollout_ref.actor.entropy_mask_low=0.995", "actor_rollout_ref.actor.entropy_mask_high=1.002"]
-ERC_KEYS = ERC_TOKEN_MEAN_METRICS + ERC_EXTREME_METRICS
-POSITIVE_NLL = ["actor_rollout_ref.actor.positive_nll_coeff=0.1"]
-
-
-def main_ppo(world, *overrides: str) -> list[str]:
-    """``python -m erc_verl.main_ppo`` on the tiny world: 8 prompts x 4 samples per step, two mini-batches
-    (the second one off-policy), 2 steps."""
-    return [
-        sys.executable, "-m", "erc_verl.main_ppo",
-        f"data.train_files={world.train_file}", f"data.val_files={world.val_file}",
-        "data.train_batch_size=8", "data.max_prompt_length=8", "data.max_response_length=8",
-        "data.dataloader_num_workers=0",
-        f"actor_rollout_ref.model.path={world.model_path}",
-        "actor_rollout_ref.actor.strategy=fsdp2",
-        "actor_rollout_ref.actor.optim.lr=1e-4",
-        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
-        "actor_rollout_ref.actor.use_kl_loss=False",
-        "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.n=4",
-        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",  # packed as the update packs them
-        "actor_rollout_ref.rollout.gpu_memory_utilization=0.05",
-        "actor_rollout_ref.rollout.agent.num_workers=1",
-        "reward.num_workers=1",
-        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
-        "algorithm.adv_estimator=grpo", "algorithm.use_kl_in_reward=False",
-        "reward.custom_reward_function.path=pkg://erc_verl.paper.reward",
-        "reward.custom_reward_function.name=compute_score",
-        "trainer.logger=['console','file']",
-        "trainer.val_before_train=False", "trainer.test_freq=-1", "trainer.save_freq=-1",
-        "trainer.nnodes=1", "trainer.n_gpus_per_node=1", "trainer.total_training_steps=2",
-        *overrides,
-    ]
-
-
-def recipe(name: str, *overrides: str) -> list[str]:
-    return ["bash", str(REPO / "recipe" / "cpu_tiny.sh"), name, *overrides]
-
-
-def check_learning_signal(run) -> None:
-    run.check_ok()
-    grad_norms = [step["actor/grad_norm"] for step in run.steps]
-    assert any(g > 0 for g in grad_norms), f"{run.name}: every grad_norm is 0 ({grad_norms}): no reward signal"
-    assert all(math.isfinite(g) for g in grad_norms)
-    # vLLM samples with the weights the actor trained: after step 1's update and weight sync, its token
-    # probabilities match the actor's (0.005-0.006 measured; a skipped sync or a wrong layout is far off).
-    # Async trainers may roll out with the previous weights on purpose (staleness 1: 0.23 measured).
-    last = run.steps[-1]
-    if last.get("training/off_policy/trajectory_staleness/max", 0) == 0:
-        assert last["training/rollout_probs_diff_max"] < 0.05
-
-
-def check_positive_nll(run) -> None:
-    values = [step["actor/positive_nll_loss"] for step in run.steps]
-    assert all(math.isfinite(v) and v >= 0 for v in values) and any(v > 0 for v in values), values
-
-
-def check_erc_acted(run) -> None:
-    """ERC metrics in every step, in range, and the gate dropped some tokens."""
-    for step in run.steps:
-        missing = [k for k in ERC_KEYS if k not in step]
-        assert not missing, f"{run.name}: ERC metrics missing: {missing}"
-        clip, upper, lower = step["actor/erc_clipfrac"], step["actor/erc_clipfrac_upper"], step["actor/erc_clipfrac_lower"]
-        assert 0.0 <= clip <= 1.0 and math.isclose(clip, upper + lower, abs_tol=1e-6)
-        assert 0.0 < step["actor/entropy_ratio_min"] <= step["actor/entropy_ratio_mean"] <= step["actor/entropy_ratio_max"]
-    assert max(step["actor/erc_clipfrac"] for step in run.steps) > 0, f"{run.name}: the tight band clipped nothing"
-
-
-def check_no_erc(run) -> None:
-    leaked = sorted({k for step in run.steps for k in step if "erc_" in k or "entropy_ratio" in k})
-    assert not leaked, f"{run.name} is not an ERC run but logged {leaked}"
 
 
 @pytest.fixture(scope="module")
@@ -161,15 +85,6 @@ def test_gppo_erc_trains_and_gates(tiny_world, workdir):
     check_positive_nll(run)  # the scores reach the update batch through TransferQueue (V1)
 
 
-def test_grpo_erc_on_verls_legacy_trainer(tiny_world, workdir):
-    run = run_training("grpo_erc_v0", main_ppo(
-        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc", *TIGHT_BAND, *POSITIVE_NLL,
-        "trainer.use_v1=False"), workdir)
-    check_learning_signal(run)
-    check_erc_acted(run)
-    check_positive_nll(run)  # ... and through verl's DataProto (V0)
-
-
 @pytest.fixture(scope="module")
 def dapo_erc_recipe_run(workdir, tiny_world):
     return run_training("recipe_dapo_erc", recipe("dapo_erc"), workdir, env={
@@ -196,15 +111,6 @@ def test_dapo_recipe_baseline_matches_its_erc_arm(dapo_recipe_run, dapo_erc_reci
     assert any("training/filter_groups/evicted_samples" in step for step in dapo_recipe_run.steps)
     base, erc = dapo_recipe_run.identity().split(), dapo_erc_recipe_run.identity().split()
     assert base[1:] == erc[1:]  # trainer_mode=..., replay_buffer=... identical
-
-
-def test_grpo_erc_on_colocate_async(tiny_world, workdir):
-    run = run_training("grpo_erc_colocate_async", main_ppo(
-        tiny_world, "actor_rollout_ref.actor.policy_loss.loss_mode=grpo_erc", *TIGHT_BAND,
-        "trainer.v1.trainer_mode=colocate_async"), workdir)
-    check_learning_signal(run)
-    check_erc_acted(run)
-    assert run.identity().split()[1:] == ["trainer_mode=colocate_async", "replay_buffer=ReplayBufferAsync"]
 
 
 def test_separate_async_is_refused_on_the_driver_in_cpu_mode(tiny_world, workdir):
