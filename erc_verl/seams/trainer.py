@@ -13,10 +13,12 @@ No extra forward pass: the old entropy comes from the pass that produces ``old_l
 from __future__ import annotations
 
 import inspect
+import os
 from contextlib import contextmanager
 from functools import lru_cache
 
 import ray
+import torch
 from omegaconf import DictConfig
 from tensordict import TensorDict
 
@@ -125,10 +127,15 @@ class TrainingComplete(Exception):
 class ERCRayPPOTrainer(RayPPOTrainer):
     """verl's legacy (``trainer.use_v1=False``) trainer with the ERC plumbing.
 
-    ``erc_verl.main_ppo`` builds it for every V0 run, ERC or not, so an ERC run and its baseline share its one
-    fix to verl: resumed from a checkpoint at ``total_training_steps``, verl 0.9.1's ``fit`` trains one step past
-    the end and saves it (``global_steps += 1`` comes before its last-step check; each restart of a finished job
-    adds a step: verl-project/verl PR #6232, open). verl's V1 trainers stop there already.
+    ``erc_verl.main_ppo`` builds it for every V0 run, ERC or not, so an ERC run and its baseline share its two
+    resume fixes to verl 0.9.1's V0 ``fit`` (its V1 trainers get both right; tests/e2e/test_cluster_path.py):
+
+    - resumed from a checkpoint at ``total_training_steps`` it trained one step past the end and saved it
+      (``global_steps += 1`` comes before its last-step check; each restart of a finished job added a step:
+      verl-project/verl PR #6232, open);
+    - resumed exactly at an epoch boundary it skipped the saved data-loader state ("Next epoch will iterate from
+      scratch"), so the sampler, seeded afresh, replayed the first epoch's order where an uninterrupted run draws
+      a new one.
     """
 
     def fit(self):
@@ -144,6 +151,24 @@ class ERCRayPPOTrainer(RayPPOTrainer):
             raise TrainingComplete(
                 f"resumed at global step {self.global_steps} of trainer.total_training_steps="
                 f"{self.total_training_steps}: training is complete, nothing to do"
+            )
+        if self.global_steps > 0 and self.global_steps % len(self.train_dataloader) == 0:
+            self._continue_data_after_finished_epoch()
+
+    def _continue_data_after_finished_epoch(self) -> None:
+        """Load the state verl skipped and close the finished epoch it holds (one pass that yields nothing), so the
+        loop's next pass draws the next epoch from the sampler's generator as an uninterrupted run does."""
+        trainer = self.config.trainer
+        folder = (trainer.resume_from_path if trainer.resume_mode == "resume_path"
+                  else os.path.join(os.path.abspath(trainer.default_local_dir), f"global_step_{self.global_steps}"))
+        state_path = os.path.join(folder, "data.pt")
+        if not os.path.exists(state_path):
+            return  # verl said so already ("No dataloader state found")
+        self.train_dataloader.load_state_dict(torch.load(state_path, weights_only=False))
+        if any(True for _ in self.train_dataloader):
+            raise RuntimeError(
+                f"{state_path} (global step {self.global_steps}, an epoch boundary) is not the end of an epoch; "
+                "erc_verl.seams.trainer.ERCRayPPOTrainer must be updated for this verl / torchdata version."
             )
 
     def __init__(self, config, *args, role_worker_mapping: dict, **kwargs):

@@ -306,7 +306,7 @@ def test_v0_resumed_at_the_last_step_trains_nothing(monkeypatch):
     fit = inspect.getsource(RayPPOTrainer.fit)  # where the override takes effect, in the verl version installed
     assert fit.index("self._load_checkpoint()") < fit.index("self.global_steps += 1") < fit.index("for epoch in range")
     trainer = ERCRayPPOTrainer.__new__(ERCRayPPOTrainer)
-    trainer.total_training_steps = 3
+    trainer.total_training_steps, trainer.train_dataloader = 3, [None] * 4  # 4 steps an epoch: no boundary at 2
     for resumed_at, complete in ((2, False), (3, True), (5, True)):
         monkeypatch.setattr(RayPPOTrainer, "_load_checkpoint", lambda self, step=resumed_at: setattr(self, "global_steps", step))
         if complete:
@@ -316,3 +316,41 @@ def test_v0_resumed_at_the_last_step_trains_nothing(monkeypatch):
             trainer._load_checkpoint()
     monkeypatch.setattr(RayPPOTrainer, "fit", lambda self: self._load_checkpoint())
     assert trainer.fit() is None  # the run ends cleanly, with a line saying why
+
+
+def test_v0_resumed_at_an_epoch_boundary_draws_the_next_epoch(tmp_path):
+    """verl 0.9.1's V0 skips the saved data-loader state at an epoch boundary, and its sampler, seeded afresh, then
+    replays epoch 1's order (seen end to end: step 3 trained step 1's prompts). The ERC trainer restores that state
+    and closes the finished epoch, so the next pass is the epoch an uninterrupted run draws. Real torchdata loader
+    and verl's own sampler."""
+    import inspect
+
+    from omegaconf import OmegaConf
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.trainer.ppo.utils import create_rl_sampler
+
+    assert "at_epoch_boundary" in inspect.getsource(RayPPOTrainer._load_checkpoint)  # what the override mends
+    data = list(range(16))
+
+    def loader():
+        sampler = create_rl_sampler(OmegaConf.create({"shuffle": True, "seed": 1}), data)
+        return StatefulDataLoader(data, batch_size=8, sampler=sampler, drop_last=True)
+
+    uninterrupted, checkpoint = [], tmp_path / "global_step_2"
+    checkpoint.mkdir()
+    reference = loader()
+    for epoch in range(2):
+        for batch in reference:  # as V0's fit iterates, saving after the epoch's last step
+            uninterrupted.append(batch.tolist())
+            if len(uninterrupted) == 2:
+                torch.save(reference.state_dict(), checkpoint / "data.pt")
+    assert uninterrupted[2:] != uninterrupted[:2]
+
+    trainer = ERCRayPPOTrainer.__new__(ERCRayPPOTrainer)
+    trainer.config = OmegaConf.create({"trainer": {"resume_mode": "auto", "default_local_dir": str(tmp_path)}})
+    trainer.global_steps, trainer.train_dataloader = 2, loader()
+    assert [b.tolist() for b in trainer.train_dataloader] == uninterrupted[:2]  # verl's "from scratch": a replay
+    trainer.train_dataloader = loader()
+    trainer._continue_data_after_finished_epoch()
+    assert [b.tolist() for b in trainer.train_dataloader] == uninterrupted[2:]
