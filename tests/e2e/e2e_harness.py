@@ -79,10 +79,25 @@ class _PeakMemory:
         return (self.peak - self.baseline) / 2**30
 
 
+def _kill_everything_under(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's process group and every process it started: Ray puts its workers (FSDP ranks, vLLM) in
+    process groups of their own, so the group alone would leave them to die later, still holding memory."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(family, timeout=30)
+
+
 def run_training(name: str, argv: list[str], workdir: Path, env: dict | None = None,
                  kill_when: Callable[[], bool] | None = None) -> Run:
-    """Run ``argv`` to its end (or ``RUN_TIMEOUT_S``); with ``kill_when``, SIGKILL its whole process group (driver,
-    Ray, workers, vLLM: a preempted job) as soon as ``kill_when()`` is true, checked every 0.2 s."""
+    """Run ``argv`` to its end (or ``RUN_TIMEOUT_S``); with ``kill_when``, SIGKILL its process group and every
+    process under it (driver, Ray, workers, vLLM: a preempted job) as soon as ``kill_when()`` is true, checked every
+    0.2 s."""
     metrics_file = workdir / f"{name}.metrics.jsonl"
     log_file = workdir / f"{name}.log"
     full_env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_FILE_LOGGER_PATH": str(metrics_file),
@@ -99,8 +114,7 @@ def run_training(name: str, argv: list[str], workdir: Path, env: dict | None = N
             elif kill_when is not None and kill_when():
                 note = f"\n[e2e harness: killed (SIGKILL, process group) after {time.monotonic() - start:.0f} s]"
             if note:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _kill_everything_under(proc)
                 break
             time.sleep(0.2)
     output = log_file.read_text(errors="replace") + note
