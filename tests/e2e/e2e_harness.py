@@ -105,7 +105,7 @@ def run_training(name: str, argv: list[str], workdir: Path, env: dict | None = N
     start = time.monotonic()
     note = ""
     with _PeakMemory() as memory, open(log_file, "w") as log:
-        # own process group: on a timeout Ray, its workers and vLLM go down with the driver
+        # own process group; on a timeout or kill_when, it and every process under it are killed
         proc = subprocess.Popen(argv, cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         while proc.poll() is None:
