@@ -210,7 +210,8 @@ class BenchmarkScore:
         return self.k_min
 
 
-ScoreFn = Callable[..., float]
+#: A verl reward function: a float, or verl's dict with ``score`` (what :func:`erc_verl.paper.reward.compute_score` returns).
+ScoreFn = Callable[..., Any]
 
 
 def _default_score_fn() -> ScoreFn:
@@ -224,7 +225,8 @@ def problem_scores(problems: Sequence[Problem], score_fn: ScoreFn | None = None)
     fn = score_fn or _default_score_fn()
     out = []
     for p in problems:
-        scores = [float(fn(data_source=p.benchmark, solution_str=r, ground_truth=p.ground_truth)) for r in p.responses]
+        results = [fn(data_source=p.benchmark, solution_str=r, ground_truth=p.ground_truth) for r in p.responses]
+        scores = [float(x["score"] if isinstance(x, Mapping) else x) for x in results]
         out.append(sum(scores) / len(scores))
     return out
 
