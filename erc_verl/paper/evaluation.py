@@ -11,7 +11,8 @@ problem has).
 
 Generations are JSON lines, one per problem (``responses``: list) or one per sample (``response``:
 str), with ``benchmark`` (or ``data_source``), ``ground_truth`` (or ``reward_model.ground_truth``)
-and ``index`` (or ``extra_info.index``; needed only for one-sample-per-line files).
+and ``index`` (or ``extra_info.index``, ``problem_id``; needed only for one-sample-per-line files, such as
+:mod:`erc_verl.paper.generation` writes).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,13 +230,20 @@ def _default_score_fn() -> ScoreFn:
 
 
 def sample_scores(problems: Sequence[Problem], score_fn: ScoreFn | None = None) -> list[list[float]]:
-    """The score of every sample of each problem, in sample order."""
+    """The score of every sample of each problem, in sample order.
+
+    Scored from as many threads as verl's reward workers use (``min(32, cpus + 4)``): each check of the
+    reward runs in its own process, so the threads keep every core busy."""
     fn = score_fn or _default_score_fn()
-    out = []
-    for p in problems:
-        results = [fn(data_source=p.benchmark, solution_str=r, ground_truth=p.ground_truth) for r in p.responses]
-        out.append([float(x["score"] if isinstance(x, Mapping) else x) for x in results])
-    return out
+
+    def one(job: tuple[Problem, str]) -> float:
+        p, response = job
+        x = fn(data_source=p.benchmark, solution_str=response, ground_truth=p.ground_truth)
+        return float(x["score"] if isinstance(x, Mapping) else x)
+
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
+        flat = iter(list(pool.map(one, [(p, r) for p in problems for r in p.responses])))
+    return [[next(flat) for _ in p.responses] for p in problems]
 
 
 def problem_scores(problems: Sequence[Problem], score_fn: ScoreFn | None = None) -> list[float]:
