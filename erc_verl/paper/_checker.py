@@ -7,10 +7,11 @@ says ``{"ready": true}``; each request ``{"id", "pred", "gold", "limit_s"}`` on 
 
 Why a fork per check, in here: a check must be killable (sympy spins for minutes and math-verify's own
 ``signal.alarm`` limits work only on a main thread), and forking this small, single-threaded process costs
-~10 ms with math-verify already warm. Forking the caller instead is unsafe: a child of verl's reward worker
-shares its event loop's epoll instance, and a child that touches it unregisters the loop's wake-up socket,
-which hangs the loop (seen in tests/paper/test_reward.py). ``multiprocessing``'s forkserver and spawn
-re-import the caller's ``__main__`` in every child (a Ray worker's: seconds).
+~10 ms with math-verify already warm. Forking the caller instead is unsafe: its children share the epoll
+instance of verl's event loop; with a child forked per check, the 32-thread test in tests/paper/test_reward.py
+hung verl's loop (its epoll had lost the wake-up socket's registration, seen in /proc/<pid>/fdinfo).
+``multiprocessing``'s forkserver and spawn re-import the caller's ``__main__`` in every child (a Ray worker's:
+seconds); ``concurrent.futures`` cannot kill one task.
 """
 
 import json
