@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 r"""Evaluate checkpoints the way the ERC paper does (section 4.1, Table 1).
 
-1. generate (GPU, vLLM): k samples per problem at temperature 0.6 / top-p 0.95; 32768 max tokens
-   for AIME24/25 and 16384 otherwise; k=32 except MATH500 and OlympiadBench (k=4):
+1. generate: k samples per problem at temperature 0.6 / top-p 0.95; 32768 max tokens for AIME24/25 and 16384
+   otherwise; k=32 except MATH500 and OlympiadBench (k=4). One validation-only verl run per benchmark on all
+   the GPUs given (rollout replicas on Ray; see erc_verl/paper/generation.py); Hydra overrides after ``--``:
 
     python scripts/evaluate.py generate --model ckpts/erc_dapo/merged_hf --data-dir data/erc \
-        --out generations/erc_dapo.jsonl
+        --out generations/erc_dapo --nnodes 2 --gpus-per-node 8
 
-2. score (CPU): avg@k per benchmark, printed as a Table-1-style table; several runs side by side:
+2. score (CPU): avg@k per benchmark with its spread, and pass@k, printed as Table-1-style tables; several runs
+   side by side:
 
-    python scripts/evaluate.py score DAPO=generations/dapo.jsonl ERC-DAPO=generations/erc_dapo.jsonl \
+    python scripts/evaluate.py score DAPO=generations/dapo ERC-DAPO=generations/erc_dapo \
         --compare-paper 7b --json results.json
 
 A run is ``[NAME=]PATH[,PATH...]``; PATH may be a directory (all ``*.jsonl`` inside).
@@ -46,22 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="sample responses with vLLM (GPU)")
+    g = sub.add_parser("generate", help="sample responses with verl's rollout on every GPU given")
     g.add_argument("--model", required=True, help="Hugging Face model dir (merge verl checkpoints first) or hub id")
     g.add_argument("--data-dir", default="data/erc", help="folder with <benchmark>.parquet from prepare_data.py")
-    g.add_argument("--out", required=True, help="output JSONL (one line per problem)")
+    g.add_argument("--out", required=True, help="output folder: <benchmark>.jsonl per benchmark")
     g.add_argument("--benchmarks", nargs="+", help="subset, e.g. aime2024 math500 (default: all six)")
     g.add_argument("--n", type=int, help="samples per problem for every benchmark (default: the paper's k)")
     g.add_argument("--max-tokens", type=int, help="generation budget for every benchmark (default: the paper's)")
     g.add_argument("--temperature", type=float, default=E.SAMPLING["temperature"])
     g.add_argument("--top-p", type=float, default=E.SAMPLING["top_p"])
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--tensor-parallel-size", type=int, default=1)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--max-model-len", type=int, help="vLLM context length (default: max tokens + 2048)")
-    g.add_argument("--dtype", default="bfloat16")
-    g.add_argument("--limit", type=int, help="only the first N problems per benchmark (smoke tests)")
-    g.add_argument("--resume", action="store_true", help="append benchmarks missing from an existing --out")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes of the Ray cluster (scripts/ray_cluster.sh)")
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM replica")
+    g.add_argument("--resume", action="store_true", help="keep benchmarks already in --out, sample the others")
+    g.add_argument("overrides", nargs="*", help="Hydra overrides for the verl run, after --")
 
     s = sub.add_parser("score", help="score saved generations and print the table (CPU)")
     s.add_argument("runs", nargs="+", type=_parse_run, metavar="[NAME=]PATH[,PATH...]")
@@ -86,6 +86,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     rows = E.paper_rows(args.compare_paper) if args.compare_paper else []
     rows += [E.run_to_row(name, scores) for name, scores in runs.items()]
     print(E.format_table(rows, markdown=args.markdown))
+    print("\npass@k (k = the samples per problem):")
+    print(E.format_table([E.run_to_row(name, scores, metric="pass") for name, scores in runs.items()],
+                         markdown=args.markdown))
     for name, scores in runs.items():
         for note in E.protocol_notes(name, scores):
             print(f"note: {note}")
@@ -103,19 +106,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generate(
         model=args.model,
         data_dir=args.data_dir,
-        out_path=args.out,
+        out_dir=args.out,
         benchmarks=args.benchmarks,
         n_override=args.n,
         max_tokens_override=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
-        seed=args.seed,
+        nnodes=args.nnodes,
+        gpus_per_node=args.gpus_per_node,
         tensor_parallel_size=args.tensor_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        limit=args.limit,
         resume=args.resume,
-        dtype=args.dtype,
+        overrides=args.overrides,
     )
     return 0
 

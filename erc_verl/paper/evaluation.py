@@ -3,20 +3,27 @@
 The paper (section 4.1) samples k responses per problem (k=32, except k=4 for MATH500 and
 OlympiadBench) at temperature 0.6 / top-p 0.95, scores each with the ``\\boxed{}`` + math-verify
 rule, and reports the mean accuracy in percent. Here avg@k of a benchmark is the mean over problems
-of the per-problem mean score (equal to the mean over all samples when every problem has k samples).
+of the per-problem mean score (equal to the mean over all samples when every problem has k samples). Each cell
+also carries its spread: the standard deviation, over the k sample slots, of the accuracy a run with one
+sample per problem would report (slot j = every problem's j-th sample); and pass@k, the share of problems
+solved by at least one of k samples (the unbiased estimator of Chen et al. 2021, k = the fewest samples any
+problem has).
 
 Generations are JSON lines, one per problem (``responses``: list) or one per sample (``response``:
 str), with ``benchmark`` (or ``data_source``), ``ground_truth`` (or ``reward_model.ground_truth``)
-and ``index`` (or ``extra_info.index``; needed only for one-sample-per-line files).
+and ``index`` (or ``extra_info.index``, ``problem_id``; needed only for one-sample-per-line files, such as
+:mod:`erc_verl.paper.generation` writes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,13 +211,16 @@ class BenchmarkScore:
     n_samples: int
     k_min: int
     k_max: int
+    std_over_samples: float | None = None  # std of the one-sample accuracy over the k sample slots
+    pass_at_k: float | None = None  # pass@k_min
 
     @property
     def k(self) -> int:
         return self.k_min
 
 
-ScoreFn = Callable[..., float]
+#: A verl reward function: a float, or verl's dict with ``score`` (what :func:`erc_verl.paper.reward.compute_score` returns).
+ScoreFn = Callable[..., Any]
 
 
 def _default_score_fn() -> ScoreFn:
@@ -219,14 +229,41 @@ def _default_score_fn() -> ScoreFn:
     return compute_score
 
 
+def sample_scores(problems: Sequence[Problem], score_fn: ScoreFn | None = None) -> list[list[float]]:
+    """The score of every sample of each problem, in sample order.
+
+    Scored from as many threads as verl's reward workers use (``min(32, cpus + 4)``): each check of the
+    reward runs in its own process, so the threads keep every core busy."""
+    fn = score_fn or _default_score_fn()
+
+    def one(job: tuple[Problem, str]) -> float:
+        p, response = job
+        x = fn(data_source=p.benchmark, solution_str=response, ground_truth=p.ground_truth)
+        return float(x["score"] if isinstance(x, Mapping) else x)
+
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
+        flat = iter(list(pool.map(one, [(p, r) for p in problems for r in p.responses])))
+    return [[next(flat) for _ in p.responses] for p in problems]
+
+
 def problem_scores(problems: Sequence[Problem], score_fn: ScoreFn | None = None) -> list[float]:
     """Mean score over the samples of each problem."""
-    fn = score_fn or _default_score_fn()
-    out = []
-    for p in problems:
-        scores = [float(fn(data_source=p.benchmark, solution_str=r, ground_truth=p.ground_truth)) for r in p.responses]
-        out.append(sum(scores) / len(scores))
-    return out
+    return [sum(s) / len(s) for s in sample_scores(problems, score_fn)]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that k of n samples, c of them correct, include a correct one (1 - C(n-c, k) / C(n, k))."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def spread_and_pass(per_problem: Sequence[Sequence[float]]) -> tuple[float | None, float]:
+    """``(std over the k sample slots of the one-sample accuracy, pass@k)``, k = the fewest samples of a problem."""
+    k = min(len(s) for s in per_problem)
+    slots = [sum(s[j] for s in per_problem) / len(per_problem) for j in range(k)]
+    mean = sum(slots) / k
+    std = math.sqrt(sum((x - mean) ** 2 for x in slots) / (k - 1)) if k > 1 else None
+    passes = [pass_at_k(len(s), sum(1 for x in s if x > 0), k) for s in per_problem]
+    return std, sum(passes) / len(passes)
 
 
 def avg_at_k(per_problem: Sequence[float], samples: Sequence[int]) -> BenchmarkScore:
@@ -248,7 +285,10 @@ def score_problems(problems: Sequence[Problem], score_fn: ScoreFn | None = None)
         by_bench.setdefault(p.benchmark, []).append(p)
     result = {}
     for bench, probs in by_bench.items():
-        result[bench] = avg_at_k(problem_scores(probs, score_fn), [len(p.responses) for p in probs])
+        per_problem = sample_scores(probs, score_fn)
+        score = avg_at_k([sum(s) / len(s) for s in per_problem], [len(p.responses) for p in probs])
+        std, passed = spread_and_pass(per_problem)
+        result[bench] = dataclasses.replace(score, std_over_samples=std, pass_at_k=passed)
     return result
 
 
@@ -266,19 +306,25 @@ class TableRow:
     name: str
     values: dict[str, float | None]  # percent per column, Avg. included
     partial_avg: bool = False
+    spread: dict[str, float] = field(default_factory=dict)  # percent per column: std over the k sample slots
 
 
-def run_to_row(name: str, scores: Mapping[str, BenchmarkScore]) -> TableRow:
-    """Percent per Table 1 column (extra benchmarks keep their own name); Avg. over the paper's six."""
+def run_to_row(name: str, scores: Mapping[str, BenchmarkScore], metric: str = "avg") -> TableRow:
+    """Percent per Table 1 column (extra benchmarks keep their own name); Avg. over the paper's six.
+
+    ``metric``: ``avg`` (avg@k, with its spread) or ``pass`` (pass@k)."""
     values: dict[str, float | None] = {}
+    spread: dict[str, float] = {}
     for bench, s in scores.items():
         col = column_name(bench)
         if col in values:
             raise GenerationsError(f"run {name!r}: two inputs map to the same column {col!r}; keep one")
-        values[col] = 100.0 * s.accuracy
+        values[col] = 100.0 * (s.accuracy if metric == "avg" else s.pass_at_k)
+        if metric == "avg" and s.std_over_samples is not None:
+            spread[col] = 100.0 * s.std_over_samples
     present = [values[c] for c in TABLE_COLUMNS if values.get(c) is not None]
     values[AVG_COLUMN] = sum(present) / len(present) if present else None
-    return TableRow(name, values, partial_avg=0 < len(present) < len(TABLE_COLUMNS))
+    return TableRow(name, values, partial_avg=0 < len(present) < len(TABLE_COLUMNS), spread=spread)
 
 
 def paper_rows(model_size: str) -> list[TableRow]:
@@ -298,7 +344,7 @@ def format_table(rows: Sequence[TableRow], markdown: bool = False) -> str:
     columns = [*TABLE_COLUMNS, *extras, AVG_COLUMN]
     cells = []
     for r in rows:
-        line = [_fmt(r.values.get(c)) for c in columns]
+        line = [_fmt(r.values.get(c)) + (f" ±{r.spread[c]:.1f}" if c in r.spread else "") for c in columns]
         if r.partial_avg and line[-1] != "-":
             line[-1] += "*"
         cells.append([r.name, *line])
@@ -314,6 +360,8 @@ def format_table(rows: Sequence[TableRow], markdown: bool = False) -> str:
         out = [fmt_row(header), "-" * len(fmt_row(header))] + [fmt_row(c) for c in cells]
     if any(r.partial_avg for r in rows):
         out.append("* Avg. over the benchmarks present in that run only (the paper averages all six).")
+    if any(r.spread for r in rows):
+        out.append("±: std over the k sample slots of the accuracy with one sample per problem.")
     return "\n".join(out)
 
 
@@ -342,6 +390,8 @@ def results_json(runs: Mapping[str, Mapping[str, BenchmarkScore]], compare_paper
             "benchmarks": {
                 column_name(bench): {
                     "avg_at_k": 100.0 * s.accuracy,
+                    "std_over_samples": None if s.std_over_samples is None else 100.0 * s.std_over_samples,
+                    "pass_at_k": None if s.pass_at_k is None else 100.0 * s.pass_at_k,
                     "k": s.k_min if s.k_min == s.k_max else [s.k_min, s.k_max],
                     "n_problems": s.n_problems,
                     "n_samples": s.n_samples,

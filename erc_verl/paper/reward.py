@@ -1,61 +1,68 @@
-r"""Rule-based math reward: the last ``\boxed{...}`` of a response, checked with math-verify.
+r"""Rule-based math reward: the last ``\boxed{...}`` of a response, checked with math-verify, in verl's format.
 
-The paper (section 4.1) extracts the final answer from ``\boxed{}`` and judges it with math-verify;
-this module does exactly that and returns 1.0 or 0.0. It never raises and never hangs, because one
-pathological response must not stall or crash a training step.
+The paper (section 4.1) extracts the final answer from ``\boxed{}`` and judges it with math-verify.
+:func:`compute_score` returns the dict verl's own math scorers return (``verl/utils/reward_score/math_dapo.py``):
+``score`` (1.0 / 0.0), ``acc`` (the same), ``pred`` (the extracted answer, ``""`` when there is none) and
+``timeout`` (1.0 when the check missed its time limit). verl's reward manager rewards ``score`` and passes every
+key on as ``reward_extra_info``: validation then logs ``acc`` (mean@k, best@k), majority votes over ``pred``
+(maj@k) and the timeout rate per data source, and the generation dumps carry them all.
 
-Wiring it into verl 0.9.1
--------------------------
-verl 0.9.1 computes rewards in the reward loop (``verl/experimental/reward_loop``). The config keys
-are ``reward.custom_reward_function.path`` and ``reward.custom_reward_function.name`` (the legacy
-top-level ``custom_reward_function.path/name`` are copied there by ``migrate_legacy_reward_impl``).
-``path`` goes through ``verl.utils.import_utils.load_module``, which accepts ``pkg://dotted.module``,
-so no absolute path is needed once this package is importable on every node::
+Wiring it into verl 0.9.1::
 
     reward.custom_reward_function.path=pkg://erc_verl.paper.reward \
-    reward.custom_reward_function.name=compute_score
+    reward.custom_reward_function.name=compute_score \
+    +reward.custom_reward_function.reward_kwargs.timeout_s=5        # optional
 
-Extra keyword arguments can be added with
-``+reward.custom_reward_function.reward_kwargs.<key>=<value>``; they are merged into every call.
+Time limit
+----------
+Every call returns within ``timeout_s`` seconds of entry (the ``timeout_s`` keyword, else
+``ERC_REWARD_TIMEOUT_S``, else :data:`DEFAULT_TIMEOUT_S`), whatever the thread, the input or the number of
+concurrent calls: sympy can spin for minutes (``\binom{10^9}{10^8}``), and one such answer must not stall a
+reward worker. math-verify's own limits use ``signal.alarm``, which works only on the main thread, and verl
+calls the reward from threads (``loop.run_in_executor``). So every check runs in a helper process
+(``_checker.py``, one per reward process, math-verify warm), which forks one child per check and kills it at the
+call's deadline; the call itself stops waiting at the same deadline and scores 0 with ``timeout`` 1. A check
+that dies, or a helper that dies, ends its calls at once with score 0 (and the next call restarts the helper).
+There is no pool and no queue, so nothing to size: the children in flight are the calls in flight, which verl
+bounds per reward worker by its event loop's default executor, ``min(32, os.cpu_count() + 4)`` threads
+(measured: 32 threads of the worst answers at once, each call within the 5 s limit, a right answer among them
+scored right). Why this hand-made helper and not a library (``concurrent.futures`` cannot kill one task;
+``multiprocessing``'s forkserver and spawn re-import the caller's ``__main__`` per child; forking the caller
+breaks verl's event loop): see ``_checker.py``.
 
-How verl calls it: ``NaiveRewardManager.run_single`` calls
-``compute_score(data_source=..., solution_str=..., ground_truth=..., extra_info=...)`` (plus
-``reward_router_address``/``reward_model_tokenizer`` only when a reward model router is used)
-through ``loop.run_in_executor(None, ...)`` -- i.e. always on a worker *thread*. A float result is
-logged as ``acc``; a dict must carry ``score``.
-
-Timeouts
---------
-math-verify bounds its own run time with ``signal.alarm``, which only works on the main thread, and
-sympy can spin for minutes on inputs such as ``9^{9^{9}}``. So:
-
-* on the main thread, math-verify runs inline with its signal timeouts;
-* on any other thread, the check runs in a small pool of helper processes (this file executed as a
-  script, speaking JSON lines), where the signal timeouts work; a helper that misses the hard
-  deadline is killed and the answer scores 0.0.
-
-``ERC_REWARD_ISOLATION`` = ``auto`` (default, as above) | ``subprocess`` (always use helpers) |
-``inline`` (never; off the main thread this disables timeouts and relies on the input caps only).
-``ERC_REWARD_TIMEOUT_S`` (default 3) bounds each math-verify parse/verify step,
-``ERC_REWARD_WORKERS`` (default 2) caps helper processes per Python process.
+The helper starts with the first call of a process (~1 s; calls wait for it within their own limit). If it
+exits or is not ready within :data:`START_TIMEOUT_S`, that call and every later one raise
+:class:`RewardHelperError`: no answer is ever checked without a limit.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import logging
+import math
 import os
 import re
-import select
+import signal
 import subprocess
 import sys
 import threading
 import time
+import unicodedata
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import cache
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
+#: Seconds from entry to return of one call.
+DEFAULT_TIMEOUT_S = 5.0
+#: Seconds a new helper process may take to be ready (import and warm math-verify) before the reward gives up.
+START_TIMEOUT_S = 60.0
+#: Kept back from the limit for returning in time when up to 32 calls reach their deadline at the same moment.
+KILL_MARGIN_S = 0.5
 #: Longest boxed answer that is handed to math-verify; longer ones score 0.0 (no real answer is this long).
 MAX_ANSWER_CHARS = 1000
 #: Longest ground truth that is handed to math-verify.
@@ -64,10 +71,30 @@ MAX_GROUND_TRUTH_CHARS = 1000
 MAX_BOX_CANDIDATES = 64
 
 _BOX_MARKERS = ("\\boxed", "\\fbox")
-_WORKER_RUN_NAME = "__erc_reward_worker__"
 
 
-# --------------------------------------------------------------------------- extraction
+class RewardHelperError(RuntimeError):
+    """The helper processes cannot run math-verify, so no answer could be checked within a limit."""
+
+
+# --------------------------------------------------------------------------- text
+
+
+@cache
+def _invisible_chars() -> dict[int, None]:
+    """Control (Cc, but tab and newlines) and format (Cf: NUL, RLM, zero-width, BOM...) characters."""
+    return {
+        cp: None
+        for cp in range(sys.maxunicode + 1)
+        if unicodedata.category(chr(cp)) in ("Cc", "Cf") and chr(cp) not in "\t\n\r"
+    }
+
+
+def normalize_text(text: str) -> str:
+    """NFKC (fullwidth ``４２`` -> ``42``), then drop control and format characters that would break parsing."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return text.translate(_invisible_chars())
 
 
 def _scan_braced(text: str, open_pos: int) -> str | None:
@@ -122,280 +149,6 @@ def extract_last_boxed(text: Any) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- math-verify
-
-
-def _timeout_s() -> int:
-    try:
-        return max(1, int(float(os.environ.get("ERC_REWARD_TIMEOUT_S", "3"))))
-    except ValueError:
-        return 3
-
-
-def _clean(answer: str) -> str:
-    """Drop sentence punctuation math-verify would choke on: ``540.`` -> ``540``."""
-    answer = answer.strip()
-    while answer and answer[-1] in ".,;:" and not answer.endswith("..."):
-        answer = answer[:-1].rstrip()
-    return answer
-
-
-def _gold_latex(ground_truth: str) -> str:
-    gt = ground_truth.strip()
-    if "\\boxed" in gt or "\\fbox" in gt:
-        return gt
-    while len(gt) >= 2 and gt.startswith("$") and gt.endswith("$"):
-        gt = gt[1:-1].strip()
-    return "\\boxed{" + gt + "}"
-
-
-def _verify_inline(pred: str, gold: str, timeout_s: int | None) -> float:
-    """math-verify on an extracted answer. ``timeout_s=None`` disables the signal timeouts."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    pred, gold = _clean(pred), _clean(gold)
-    configs = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-    gold_parsed = parse(_gold_latex(gold), configs, parsing_timeout=timeout_s)
-    if not gold_parsed:
-        gold_parsed = parse(gold, configs, parsing_timeout=timeout_s)
-    pred_parsed = parse("\\boxed{" + pred + "}", configs, parsing_timeout=timeout_s)
-    if not gold_parsed or not pred_parsed:
-        return 0.0
-    return 1.0 if verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s) else 0.0
-
-
-_EXPLOSIVE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\{?\s*\d{4,}|\d{3,}\s*!|!\s*!")
-
-
-def _looks_explosive(expr: str) -> bool:
-    """Cheap guard for the no-timeout path: towers, huge exponents and factorials stall sympy."""
-    return bool(_EXPLOSIVE.search(expr))
-
-
-# --------------------------------------------------------------------------- helper processes
-
-
-class _Worker:
-    """One helper process answering JSON-line requests; killed when it misses a deadline."""
-
-    def __init__(self, argv: list[str], start_timeout_s: float):
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            bufsize=0,
-            close_fds=True,
-        )
-        self._buf = b""
-        hello = None
-        try:
-            hello = self._read_line(time.monotonic() + start_timeout_s)
-            msg = json.loads(hello) if hello is not None else None
-        except (ValueError, OSError):
-            msg = None
-        if not isinstance(msg, dict) or msg.get("ready") is not True:
-            self.kill()
-            raise RuntimeError(f"reward helper did not start: {hello!r}")
-
-    def _wait_readable(self, fd: int, timeout_s: float) -> bool:
-        # poll(), not select(): Ray workers hold many sockets and select() fails for fds >= 1024.
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-            return bool(poller.poll(max(0, int(timeout_s * 1000))))
-        return bool(select.select([fd], [], [], timeout_s)[0])
-
-    def _read_line(self, deadline: float) -> bytes | None:
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            if not self._wait_readable(fd, remaining):
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None  # helper died
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line
-
-    def request(self, payload: dict, deadline_s: float) -> float | None:
-        """The helper's score, or None when it failed or missed the deadline (then it is dead)."""
-        try:
-            self.proc.stdin.write((json.dumps(payload) + "\n").encode())
-            self.proc.stdin.flush()
-            line = self._read_line(time.monotonic() + deadline_s)
-            if line is None:
-                self.kill()
-                return None
-            return float(json.loads(line)["score"])
-        except Exception:
-            self.kill()
-            return None
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=5)
-        except Exception:
-            pass
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except Exception:
-                pass
-
-
-class _WorkerPool:
-    """At most ``size`` helpers, started lazily and shared by all threads of this process."""
-
-    def __init__(self, argv: list[str], size: int, start_timeout_s: float = 60.0):
-        self.argv = argv
-        self.size = max(1, size)
-        self.start_timeout_s = start_timeout_s
-        self._idle: list[_Worker] = []
-        self._count = 0
-        self._cond = threading.Condition()
-        self._pid = os.getpid()
-
-    def _acquire(self) -> _Worker:
-        with self._cond:
-            while True:
-                while self._idle:
-                    w = self._idle.pop()
-                    if w.alive():
-                        return w
-                    self._count -= 1
-                if self._count < self.size:
-                    self._count += 1
-                    break
-                self._cond.wait()
-        try:
-            return _Worker(self.argv, self.start_timeout_s)
-        except BaseException:
-            with self._cond:
-                self._count -= 1
-                self._cond.notify()
-            raise
-
-    def _release(self, w: _Worker) -> None:
-        with self._cond:
-            if w.alive():
-                self._idle.append(w)
-            else:
-                self._count -= 1
-            self._cond.notify()
-
-    def run(self, payload: dict, deadline_s: float) -> float | None:
-        w = self._acquire()
-        try:
-            return w.request(payload, deadline_s)
-        finally:
-            self._release(w)
-
-    def close(self) -> None:
-        with self._cond:
-            idle, self._idle = self._idle, []
-            self._count -= len(idle)
-        for w in idle:
-            w.kill()
-
-
-def _worker_argv() -> list[str]:
-    # Run this very file (no package import, so no torch/verl) with the caller's interpreter. The
-    # bootstrap drops "" from sys.path so files in the caller's cwd cannot shadow stdlib modules.
-    boot = (
-        "import sys, runpy; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-        f"runpy.run_path({os.path.abspath(__file__)!r}, run_name={_WORKER_RUN_NAME!r})"
-    )
-    return [sys.executable, "-c", boot]
-
-
-_pool: _WorkerPool | None = None
-_pool_lock = threading.Lock()
-_pool_start_failures = 0
-#: After this many helper start failures in a row, verify inline (unbounded) instead.
-MAX_POOL_START_FAILURES = 3
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(msg)
-
-
-def _get_pool() -> _WorkerPool:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._pid != os.getpid():  # a fork must not reuse the parent's pipes
-            try:
-                size = int(os.environ.get("ERC_REWARD_WORKERS", "2"))
-            except ValueError:
-                size = 2
-            _pool = _WorkerPool(_worker_argv(), size)
-            atexit.register(_pool.close)
-        return _pool
-
-
-def _verify_isolated(pred: str, gold: str, timeout_s: int) -> float:
-    global _pool_start_failures
-    if _pool_start_failures < MAX_POOL_START_FAILURES:
-        # Two parses and a few comparisons, each bounded by timeout_s inside the helper, plus slack.
-        deadline = 4 * timeout_s + 5.0
-        try:
-            score = _get_pool().run({"pred": pred, "gold": gold, "timeout": timeout_s}, deadline)
-        except Exception as e:  # could not start a helper
-            _pool_start_failures += 1
-            _warn_once("pool", f"erc_verl.paper.reward: reward helper process failed to start ({e}).")
-        else:
-            _pool_start_failures = 0
-            return 0.0 if score is None else score
-    return _verify_unbounded(pred, gold)
-
-
-def _verify_unbounded(pred: str, gold: str) -> float:
-    _warn_once("unbounded", "erc_verl.paper.reward: math-verify runs without timeouts off the main thread.")
-    if _looks_explosive(pred):
-        return 0.0
-    return _verify_inline(pred, gold, None)
-
-
-def _worker_main() -> None:
-    """Helper loop: one JSON request per stdin line, one JSON reply per line on the original stdout."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
-    sys.stdout = sys.stderr
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    try:
-        import math_verify  # noqa: F401
-    except Exception as e:
-        proto.write(json.dumps({"ready": False, "error": repr(e)}) + "\n")
-        return
-    proto.write(json.dumps({"ready": True}) + "\n")
-    for line in sys.stdin:
-        try:
-            req = json.loads(line)
-            score = _verify_inline(str(req["pred"]), str(req["gold"]), int(req["timeout"]))
-        except BaseException:
-            score = 0.0
-        proto.write(json.dumps({"score": score}) + "\n")
-
-
-# --------------------------------------------------------------------------- public API
-
-
-def _isolation_mode() -> str:
-    mode = os.environ.get("ERC_REWARD_ISOLATION", "auto").strip().lower()
-    return mode if mode in ("auto", "subprocess", "inline") else "auto"
-
-
 def _ground_truth_str(ground_truth: Any) -> str | None:
     if isinstance(ground_truth, bytes):
         ground_truth = ground_truth.decode("utf-8", "replace")
@@ -412,27 +165,141 @@ def _ground_truth_str(ground_truth: Any) -> str | None:
     return ground_truth if isinstance(ground_truth, str) else None
 
 
-def score_answer(answer: str, ground_truth: Any) -> float:
-    """1.0 if an already-extracted answer equals ``ground_truth`` per math-verify, else 0.0."""
+# --------------------------------------------------------------------------- the helper process
+
+
+def _helper_argv() -> list[str]:
+    # -I: no user site, no PYTHON* variables, no script directory on sys.path (nothing of erc_verl is imported)
+    return [sys.executable, "-I", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_checker.py")]
+
+
+class _Helper:
+    """One helper process (``_checker.py``) and the calls waiting on it, matched by request id."""
+
+    def __init__(self) -> None:
+        # its own process group: when it dies, its checks (which hold its stdout) are killed with it
+        self.proc = subprocess.Popen(
+            _helper_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, start_new_session=True
+        )
+        self.start_deadline = time.monotonic() + START_TIMEOUT_S
+        self.ready = Future()
+        self.pending: dict[int, Future] = {}
+        self.ids = itertools.count()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, name="erc-reward-helper-reader", daemon=True).start()
+        threading.Thread(target=self._watch, name="erc-reward-helper-watch", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            with self.lock:
+                if message.get("ready") is True and not self.ready.done():
+                    self.ready.set_result(True)
+                future = self.pending.pop(message.get("id"), None)
+            if future is not None:
+                future.set_result(message.get("score"))
+
+    def _watch(self) -> None:
+        """When the helper exits, everyone waiting on it gets "no verdict" at once."""
+        code = self.proc.wait()
+        self.close()
+        with self.lock:
+            dead, self.pending = self.pending, {}
+            if not self.ready.done():
+                self.ready.set_result(False)
+        for future in dead.values():
+            future.set_result(None)
+        if dead or code != -signal.SIGKILL:
+            logger.warning("erc_verl.paper.reward: the math-verify helper process exited (code %s)", code)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def check(self, pred: str, gold: str, deadline: float) -> float | None:
+        """The verdict, or None when there is none by ``deadline`` (the helper kills the check then too)."""
+        future: Future = Future()
+        with self.lock:
+            request_id = next(self.ids)
+            self.pending[request_id] = future
+            request = {"id": request_id, "pred": pred, "gold": gold, "limit_s": max(0.0, deadline - time.monotonic())}
+            try:
+                self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            except OSError:  # the helper is gone; its reader resolves the futures
+                self.pending.pop(request_id, None)
+                return None
+        try:
+            verdict = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            with self.lock:
+                self.pending.pop(request_id, None)
+            return None
+        return None if verdict is None else float(verdict)
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+_helper: _Helper | None = None
+_helper_pid: int | None = None  # the process that started it: a fork must start its own
+_start_error: RewardHelperError | None = None
+_helper_lock = threading.Lock()
+
+
+def _get_helper(deadline: float) -> _Helper | None:
+    """The running helper (started, or restarted after it died, here), or None if it is not ready by ``deadline``.
+
+    A helper that is not ready within :data:`START_TIMEOUT_S` of its start, or exits first, raises
+    :class:`RewardHelperError`, in this call and every later one of this process.
+    """
+    global _helper, _helper_pid, _start_error
+    with _helper_lock:
+        if _start_error is not None and _helper_pid == os.getpid():
+            raise _start_error
+        helper = _helper
+        if helper is None or _helper_pid != os.getpid() or (helper.ready.done() and not helper.alive()):
+            helper, _helper_pid, _start_error = _Helper(), os.getpid(), None
+            _helper = helper
+            atexit.register(helper.close)
     try:
-        gold = _ground_truth_str(ground_truth)
-        if not answer or not gold or not gold.strip():
-            return 0.0
-        if len(answer) > MAX_ANSWER_CHARS or len(gold) > MAX_GROUND_TRUTH_CHARS:
-            return 0.0
-        timeout_s = _timeout_s()
-        mode = _isolation_mode()
-        on_main = threading.current_thread() is threading.main_thread()
-        if mode == "subprocess" or (mode == "auto" and not on_main):
-            return _verify_isolated(answer, gold, timeout_s)
-        if on_main:
-            return _verify_inline(answer, gold, timeout_s)
-        return _verify_unbounded(answer, gold)
-    except KeyboardInterrupt:
-        raise
-    except BaseException:  # math-verify's TimeoutException, sympy recursion errors, ...
-        logger.debug("erc_verl.paper.reward: scoring failed", exc_info=True)
-        return 0.0
+        if helper.ready.result(timeout=max(0.0, min(deadline, helper.start_deadline) - time.monotonic())):
+            return helper
+        what = f"exited with code {helper.proc.wait()} before it was ready"
+    except FutureTimeout:
+        if time.monotonic() < helper.start_deadline:
+            return None  # still starting: this call's limit comes first
+        helper.close()
+        what = f"was not ready within {START_TIMEOUT_S:g} s"
+    with _helper_lock:
+        _start_error = RewardHelperError(
+            f"erc_verl.paper.reward: the math-verify helper process ({' '.join(_helper_argv())}) {what}; install "
+            f"math-verify in this Python environment (pip install math-verify) and run that command to see the error"
+        )
+        raise _start_error
+
+
+def _timeout_s(value: Any) -> float:
+    raw = os.environ.get("ERC_REWARD_TIMEOUT_S", DEFAULT_TIMEOUT_S) if value is None else value
+    try:
+        seconds = float(raw)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not seconds > KILL_MARGIN_S or math.isinf(seconds):
+        source = "timeout_s" if value is not None else "ERC_REWARD_TIMEOUT_S"
+        raise ValueError(f"{source}={raw!r} is not a time limit; give seconds above {KILL_MARGIN_S}, e.g. 5")
+    return seconds
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _result(score: float, pred: str, timeout: bool = False) -> dict[str, Any]:
+    return {"score": score, "acc": score, "pred": pred, "timeout": 1.0 if timeout else 0.0}
 
 
 def compute_score(
@@ -440,25 +307,22 @@ def compute_score(
     solution_str: Any = None,
     ground_truth: Any = None,
     extra_info: Any = None,
+    timeout_s: Any = None,
     **kwargs: Any,
-) -> float:
-    r"""verl custom reward: 1.0 if the last ``\boxed{}`` in ``solution_str`` matches ``ground_truth``.
+) -> dict[str, Any]:
+    r"""verl custom reward: score 1.0 if the last ``\boxed{}`` in ``solution_str`` matches ``ground_truth``.
 
-    ``data_source``, ``extra_info`` and any extra kwargs are accepted and ignored: the check is the
-    same for every math data source. Never raises; returns 0.0 for missing, malformed or unboxed
-    answers and for checks that time out.
+    ``data_source``, ``extra_info`` and other keyword arguments (verl's reward-router ones) are accepted and
+    ignored: the check is the same for every math data source. Missing, malformed or unboxed answers score 0;
+    so does a check that misses ``timeout_s``. Raises only on a bad ``timeout_s`` and when the helper
+    processes cannot start (:class:`RewardHelperError`).
     """
-    try:
-        answer = extract_last_boxed(solution_str)
-        if answer is None:
-            return 0.0
-        return score_answer(answer, ground_truth)
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        logger.debug("erc_verl.paper.reward: compute_score failed", exc_info=True)
-        return 0.0
-
-
-if __name__ == _WORKER_RUN_NAME:
-    _worker_main()
+    deadline = time.monotonic() + _timeout_s(timeout_s) - KILL_MARGIN_S
+    answer = extract_last_boxed(normalize_text(solution_str)) if isinstance(solution_str, str) else None
+    gold = _ground_truth_str(ground_truth)
+    gold = normalize_text(gold).strip() if gold is not None else ""
+    if not answer or not gold or len(answer) > MAX_ANSWER_CHARS or len(gold) > MAX_GROUND_TRUTH_CHARS:
+        return _result(0.0, answer or "")
+    helper = _get_helper(deadline)
+    verdict = helper.check(answer, gold, deadline) if helper is not None else None
+    return _result(verdict or 0.0, answer, timeout=verdict is None and time.monotonic() >= deadline)

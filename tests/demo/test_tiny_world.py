@@ -147,7 +147,7 @@ def test_warmed_up_model_is_sometimes_right(world, tokenizer, model):
     assert prompts.shape == (VAL_PROMPTS, PROMPT_LEN)
     responses = greedy_responses(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    scores = np.array([compute_score("erc_demo/arithmetic", text, rm["ground_truth"])
+    scores = np.array([compute_score("erc_demo/arithmetic", text, rm["ground_truth"])["score"]
                        for text, rm in zip(texts, frame["reward_model"])])
     assert sum(t.startswith("\\boxed{") for t in texts) >= VAL_PROMPTS // 2, texts[:8]  # the format was learned
     accuracy = scores.mean()

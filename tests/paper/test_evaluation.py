@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from erc_verl.paper import data as D
@@ -307,45 +307,6 @@ def test_checkpoint_checks(tmp_path):
     G.check_hf_checkpoint("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")  # hub ids are left to vLLM
 
 
-def test_missing_vllm_gives_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
-    with pytest.raises(G.GenerationSetupError, match=r"pip install -e '\.\[vllm\]'"):
-        G.import_vllm()
-
-
-class _FakeOutput:
-    def __init__(self, text):
-        self.text, self.finish_reason, self.token_ids = text, "stop", [1, 2, 3]
-
-
-class _FakeLLM:
-    """Stands in for vllm.LLM: answers every prompt with boxed answers read from the prompt text."""
-
-    instances: list = []
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        _FakeLLM.instances.append(self)
-
-    def get_tokenizer(self):
-        return types.SimpleNamespace(
-            apply_chat_template=lambda msgs, add_generation_prompt, tokenize: "<u>" + msgs[-1]["content"] + "<a>"
-        )
-
-    def generate(self, prompts, params):
-        outs = []
-        for p in prompts:
-            answer = p.split("ANSWER=")[1].split()[0]
-            texts = [_boxed(answer)] + [_boxed("wrong")] * (params.n - 1)
-            outs.append(types.SimpleNamespace(outputs=[_FakeOutput(t) for t in texts]))
-        return outs
-
-
-def _fake_vllm(monkeypatch):
-    params = lambda **kw: types.SimpleNamespace(**kw)  # noqa: E731
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=_FakeLLM, SamplingParams=params))
-
-
 def _model_dir(tmp_path: Path) -> Path:
     model = tmp_path / "model"
     model.mkdir(parents=True)
@@ -354,88 +315,77 @@ def _model_dir(tmp_path: Path) -> Path:
     return model
 
 
-def test_generate_then_score_round_trip(tmp_path, monkeypatch, capsys):
-    _fake_vllm(monkeypatch)
+def _hydra_values(argv: list[str]) -> dict[str, str]:
+    """The value each key ends up with (Hydra applies overrides in order: the last one wins)."""
+    return dict(a.split("=", 1) for a in argv[3:])
+
+
+def test_verl_command_is_a_val_only_run_on_every_gpu():
+    argv = G.verl_command("m", "/d/aime2024.parquet", "/o/aime2024.verl", n=32, max_tokens=32768, nnodes=2,
+                          gpus_per_node=8, tensor_parallel_size=2, overrides=["data.max_prompt_length=4096"])
+    assert argv[:3] == [sys.executable, "-m", "erc_verl.main_ppo"]
+    v = _hydra_values(argv)
+    assert v["trainer.val_only"] == "True" and v["trainer.val_before_train"] == "True"
+    assert v["data.val_files"] == "/d/aime2024.parquet" and v["trainer.validation_data_dir"] == "/o/aime2024.verl"
+    assert v["actor_rollout_ref.rollout.val_kwargs.n"] == "32" and v["data.max_response_length"] == "32768"
+    assert v["actor_rollout_ref.rollout.val_kwargs.temperature"] == "0.6"
+    assert v["actor_rollout_ref.rollout.val_kwargs.top_p"] == "0.95"
+    assert v["actor_rollout_ref.rollout.val_kwargs.do_sample"] == "True"
+    assert (v["trainer.nnodes"], v["trainer.n_gpus_per_node"]) == ("2", "8")
+    assert v["actor_rollout_ref.rollout.tensor_model_parallel_size"] == "2"  # 8 vLLM replicas over 16 GPUs
+    assert v["reward.custom_reward_function.path"] == "pkg://erc_verl.paper.reward"
+    assert argv[-1] == "data.max_prompt_length=4096"  # the user's overrides come last, so they win
+
+
+def test_generate_runs_one_verl_run_per_benchmark_with_its_k_and_budget(tmp_path, monkeypatch):
+    # subprocess.call stands in for the verl runs (GPU; the CPU run is tests/e2e/test_evaluation_e2e.py):
+    # it checks each command and writes the dump verl would write.
     data_dir = tmp_path / "data"
     for bench in ("aime2024", "math500"):
-        rows, _ = D.build_rows([{"problem": f"Q{i} ANSWER={i} end", "answer": str(i)} for i in range(3)], bench, "test")
+        rows, _ = D.build_rows([{"problem": f"Q{i}", "answer": str(i)} for i in range(3)], bench, "test")
         D.write_parquet(rows, str(data_dir / f"{bench}.parquet"))
-    out = tmp_path / "gen" / "run.jsonl"
-    rc = _script().main(
-        [
-            "generate",
-            "--model",
-            str(_model_dir(tmp_path)),
-            "--data-dir",
-            str(data_dir),
-            "--out",
-            str(out),
-            "--benchmarks",
-            "aime2024",
-            "math500",
-        ]
-    )
-    assert rc == 0
-    llm = _FakeLLM.instances[-1]
-    assert llm.kwargs["max_model_len"] == 32768 + G.PROMPT_BUDGET_TOKENS
-    lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(lines) == 6
-    aime = [x for x in lines if x["benchmark"] == "aime2024"]
-    assert all(len(x["responses"]) == 32 for x in aime)
-    assert aime[0]["sampling"] == {"n": 32, "temperature": 0.6, "top_p": 0.95, "max_tokens": 32768, "seed": 0}
-    m500 = [x for x in lines if x["benchmark"] == "math500"]
-    assert all(len(x["responses"]) == 4 and x["sampling"]["max_tokens"] == 16384 for x in m500)
-    assert [x["index"] for x in m500] == [0, 1, 2]
+    runs = []
 
+    def fake_verl(argv):
+        v = _hydra_values(argv)
+        runs.append((v["actor_rollout_ref.rollout.val_kwargs.n"], v["data.max_response_length"]))
+        dump = Path(v["trainer.validation_data_dir"])
+        dump.mkdir(parents=True)
+        n = int(v["actor_rollout_ref.rollout.val_kwargs.n"])
+        with open(dump / "0.jsonl", "w") as f:
+            for i in range(3):
+                for j in range(n):
+                    f.write(json.dumps({"input": f"Q{i}", "output": _boxed(i if j == 0 else "x"), "gts": str(i),
+                                        "score": float(j == 0), "uid": f"u{i}_{j}_0"}) + "\n")
+        return 0
+
+    monkeypatch.setattr(G.subprocess, "call", fake_verl)
+    out = tmp_path / "gen"
+    args = ["generate", "--model", str(_model_dir(tmp_path)), "--data-dir", str(data_dir), "--out", str(out),
+            "--benchmarks", "aime2024", "math500"]
+    assert _script().main(args) == 0
+    assert runs == [("32", "32768"), ("4", "16384")]
     scores, _ = E.score_files([str(out)])
-    assert scores["aime2024"].accuracy == pytest.approx(1 / 32)
-    assert scores["math500"].accuracy == pytest.approx(1 / 4)
+    assert scores["aime2024"].accuracy == pytest.approx(1 / 32) and scores["aime2024"].k == 32
+    assert scores["math500"].accuracy == pytest.approx(1 / 4) and scores["math500"].pass_at_k == 1.0
 
-    # An existing output is never overwritten; --resume only adds what is missing.
-    assert (
-        _script().main(
-            ["generate", "--model", str(_model_dir(tmp_path / "m2")), "--data-dir", str(data_dir), "--out", str(out)]
-        )
-        == 2
-    )
-    assert "exists; pass --resume" in capsys.readouterr().err
-    n_llms = len(_FakeLLM.instances)
-    assert (
-        _script().main(
-            [
-                "generate",
-                "--model",
-                str(_model_dir(tmp_path / "m3")),
-                "--data-dir",
-                str(data_dir),
-                "--out",
-                str(out),
-                "--resume",
-                "--benchmarks",
-                "aime2024",
-                "math500",
-            ]
-        )
-        == 0
-    )
-    assert len(out.read_text().splitlines()) == 6 and len(_FakeLLM.instances) == n_llms  # nothing regenerated
+    assert _script().main(args) == 2  # an existing output is never overwritten
+    assert _script().main([*args, "--resume"]) == 0 and len(runs) == 2  # --resume: nothing left to sample
 
 
-def test_generate_reports_missing_data_file(tmp_path, monkeypatch, capsys):
-    _fake_vllm(monkeypatch)
-    rc = _script().main(
-        [
-            "generate",
-            "--model",
-            str(_model_dir(tmp_path)),
-            "--data-dir",
-            str(tmp_path / "none"),
-            "--out",
-            str(tmp_path / "o.jsonl"),
-            "--benchmarks",
-            "hmmt25",
-        ]
-    )
+def test_generate_reports_missing_data_file(tmp_path, capsys):
+    rc = _script().main(["generate", "--model", str(_model_dir(tmp_path)), "--data-dir", str(tmp_path / "none"),
+                         "--out", str(tmp_path / "o"), "--benchmarks", "hmmt25"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "hmmt2025.parquet not found" in err and "prepare_data.py --out-dir" in err and "--only hmmt2025" in err
+
+
+def test_pass_at_k_and_spread():
+    assert E.pass_at_k(4, 0, 4) == 0.0 and E.pass_at_k(4, 1, 4) == 1.0
+    assert E.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2)
+    std, passed = E.spread_and_pass([[1, 0, 0, 0], [1, 1, 0, 0]])
+    # sample slots: accuracies 1.0, 0.5, 0.0, 0.0 -> sample std
+    assert std == pytest.approx(float(np.std([1.0, 0.5, 0.0, 0.0], ddof=1)))
+    assert passed == 1.0
+    assert E.spread_and_pass([[1], [0]]) == (None, 0.5)  # one sample: no spread
