@@ -17,10 +17,9 @@ import json
 import os
 from typing import Mapping, Optional
 
-from erc_verl.seams.errors import ConfigError
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR as JOB_CONFIG_ENV  # as verl reads it
 
-#: Ray's variable holding a submitted job's config (runtime env included) in the job's driver process.
-JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+from erc_verl.seams.errors import ConfigError
 
 
 def cluster_to_join(ray_init: Mapping) -> Optional[str]:

@@ -91,7 +91,7 @@ def _ray_settings(ray_init: DictConfig, gpus: int) -> list[str]:
     if job_platform is None:  # a job's own env var may not be set twice (Ray refuses the merge)
         if OmegaConf.select(ray_init, f"runtime_env.env_vars.{PLATFORM_ENV}") != PLATFORM_NAME:
             OmegaConf.update(ray_init, f"runtime_env.env_vars.{PLATFORM_ENV}", PLATFORM_NAME, force_add=True)
-            changed.append(f"ray_kwargs.ray_init.runtime_env.env_vars.{PLATFORM_ENV}=cpu")
+            changed.append(f"ray_kwargs.ray_init.runtime_env.env_vars.{PLATFORM_ENV}={PLATFORM_NAME}")
     elif job_platform.strip().lower() != PLATFORM_NAME:
         raise ConfigError(
             f"the Ray job's runtime env sets {PLATFORM_ENV}={job_platform!r} for its workers, but this driver runs "
