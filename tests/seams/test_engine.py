@@ -1,5 +1,6 @@
 """The detached-entropy seam on verl's real FSDPEngineWithLMHead code path (CPU, no FSDP wrapping)."""
 
+import copy
 from unittest import mock
 
 import pytest
@@ -33,6 +34,7 @@ def capture_outputs(engine, td, **flags):
         loss, _ = engine.forward_step(td, loss_function=loss_fn, forward_only=False)
     loss.backward()
     seen["inplace_backward"] = spy.call_args.kwargs.get("inplace_backward") if spy.called else None
+    seen["verl_log_probs"] = spy.called
     return seen
 
 
@@ -56,8 +58,9 @@ def test_detached_entropy_matches_verl_entropy_without_graph(engine_overrides):
     torch.testing.assert_close(seam["log_probs"].values(), graph["log_probs"].values().detach())
     for a, b in zip(grads_seam, grads_graph):
         torch.testing.assert_close(a, b)
-    # verl turns in-place log-prob backward off when it builds the entropy graph; the seam keeps it on
-    assert graph["inplace_backward"] is False and seam["inplace_backward"] is True
+    # verl turns in-place log-prob backward off when it builds the entropy graph; the seam does not call verl's
+    # log-prob function at all here: its one pass yields both (no flash-attn on CPU)
+    assert graph["inplace_backward"] is False and seam["inplace_backward"] is None
 
 
 def old_policy_entropy(engine, td):
@@ -120,6 +123,19 @@ def test_contract_check_fails_loudly_when_verl_engine_changes():
     check_engine_contract(cpu_lm_engine(tiny_qwen2()))
 
 
+def test_contract_check_fails_loudly_when_verl_stops_calling_its_log_prob_function():
+    class OwnLogProbs:
+        def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+            keys = ("calculate_entropy", "distillation_only", "distillation_use_topk", "calculate_sum_pi_squared")
+            return {"log_probs": torch.log_softmax(output.logits, -1), "read": keys}
+
+        def _gather_and_unpad_packed(self, tensor, pad_size):
+            return tensor
+
+    with pytest.raises(RuntimeError, match="no longer calls its module's logprobs_from_logits"):
+        check_engine_contract(OwnLogProbs())
+
+
 @pytest.mark.parametrize("version", ["0.8.0", "0.10.0", "0.10.0.dev0", "1.9.1"])
 def test_unsupported_verl_versions_are_refused(version):
     with pytest.raises(RuntimeError, match=rf"written for verl 0\.9\.x, found verl {version}\b"):
@@ -140,18 +156,89 @@ def test_installed_verl_version_is_read_when_called(monkeypatch):
         check_verl_version()
 
 
-def test_graph_free_pass_uses_the_read_only_entropy_and_restores_verls():
+def test_one_pass_yields_log_probs_and_entropy_and_restores_verls_function():
     from erc_verl.seams import engine as seam
 
     model, td = tiny_qwen2(vocab_size=64), update_batch(seed=5)
     engine = cpu_lm_engine(model)
-    verl_entropy = engine.compute_entropy_from_logits
+    verl_log_probs = transformer_impl.logprobs_from_logits
     enable_detached_entropy(engine)
-    with mock.patch.object(seam, "entropy_from_logits_no_grad", wraps=seam.entropy_from_logits_no_grad) as spy:
+    with mock.patch.object(seam, "log_probs_and_entropy", wraps=seam.log_probs_and_entropy) as spy, \
+            mock.patch.object(seam, "entropy_from_logits_no_grad") as separate_entropy:
         seen = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
     assert spy.call_count == 1 and spy.call_args.args[0].shape[-1] == 64
+    separate_entropy.assert_not_called()
     assert seen["entropy"].values().shape == seen["log_probs"].values().shape
-    assert engine.compute_entropy_from_logits is verl_entropy  # verl's function restored after the pass
+    assert transformer_impl.logprobs_from_logits is verl_log_probs  # verl's function restored after the pass
+
+
+def float64_reference(model, td, **flags):
+    """verl's stock engine on a float64 copy of the model: exact log-probs, entropy and parameter gradients."""
+    exact = copy.deepcopy(model).double()
+    seen = capture_outputs(cpu_lm_engine(exact), td, calculate_entropy=True, **flags)
+    return seen, [p.grad for p in exact.parameters()]
+
+
+@pytest.mark.parametrize("use_remove_padding", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_one_pass_matches_float64_as_closely_as_verl(use_remove_padding, temperature):
+    """Packed (remove-padding) and padded layouts, at the sampling temperature or not: the seam's log-probs,
+    entropy and parameter gradients are within float32 rounding of float64, and no further from it than
+    verl's own float32 log-probs and gradients."""
+    model, td = tiny_qwen2(vocab_size=300), update_batch(seed=8, vocab_size=300)
+    flags = dict(use_remove_padding=use_remove_padding, temperature=temperature)
+    exact, exact_grads = float64_reference(model, td, **flags)
+
+    stock = capture_outputs(cpu_lm_engine(model), td, **flags)
+    stock_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    engine = cpu_lm_engine(model)
+    enable_detached_entropy(engine)
+    ours = capture_outputs(engine, td, **flags, **{DETACHED_ENTROPY_KEY: True})
+    ours_grads = [p.grad.clone() for p in model.parameters()]
+
+    assert stock["verl_log_probs"] and not ours["verl_log_probs"]  # the one-pass function ran in its place
+
+    def error(got, want):
+        return (got.detach().double() - want.detach()).abs().max().item()
+
+    exact_lp = exact["log_probs"].values()
+    assert error(ours["log_probs"].values(), exact_lp) < 1e-5
+    assert error(ours["log_probs"].values(), exact_lp) <= 2 * error(stock["log_probs"].values(), exact_lp) + 1e-7
+    assert error(ours["entropy"].values(), exact["entropy"].values()) < 1e-5
+    for got, verls, want in zip(ours_grads, stock_grads, exact_grads):
+        assert error(got, want) <= 2 * error(verls, want) + 1e-7
+
+
+def test_without_verls_torch_log_probs_the_entropy_is_a_separate_pass(monkeypatch):
+    """Where verl would use flash-attn's (or NPU's) cross-entropy kernel, its log-probs are kept and the entropy
+    comes from a separate graph-free pass. flash-attn cannot run here, so verl's choice is mocked (to "not torch")
+    and verl then runs its torch kernel anyway: what is checked is the seam's routing and its result."""
+    from erc_verl.seams import engine as seam
+
+    model, td = tiny_qwen2(), update_batch(seed=9)
+    graph = capture_outputs(cpu_lm_engine(model), td, calculate_entropy=True)
+    monkeypatch.setattr(seam, "verl_uses_torch_log_probs", lambda: False)
+    engine = cpu_lm_engine(model)
+    enable_detached_entropy(engine)
+    with mock.patch.object(seam, "log_probs_and_entropy") as fused:
+        separate = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+    fused.assert_not_called()
+    assert separate["inplace_backward"] is True and not separate["entropy"].requires_grad
+    torch.testing.assert_close(separate["entropy"].values(), graph["entropy"].values().detach())
+
+
+@pytest.mark.parametrize("flash, npu, disabled, torch_kernel", [
+    (False, False, "0", True), (True, False, "0", False), (True, False, "1", True), (False, True, "0", False)])
+def test_verls_log_prob_kernel_choice_is_read_as_verl_makes_it(monkeypatch, flash, npu, disabled, torch_kernel):
+    from verl.utils import torch_functional as verl_F
+
+    from erc_verl.seams.engine import verl_uses_torch_log_probs
+
+    monkeypatch.setattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", flash)
+    monkeypatch.setattr(verl_F, "NPU_CROSS_ENTROPY_LOSS_AVAILABLE", npu)
+    monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", disabled)
+    assert verl_uses_torch_log_probs() is torch_kernel
 
 
 def test_fused_kernels_entropy_is_read_detached_without_recomputation():
@@ -226,7 +313,7 @@ def _ulysses_rank(rank, world, init_file):
         enable_detached_entropy(engine)
         sharded = capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
 
-        assert not sharded["entropy"].requires_grad and sharded["inplace_backward"] is True
+        assert not sharded["entropy"].requires_grad and sharded["inplace_backward"] is None
         torch.testing.assert_close(sharded["entropy"].values(), reference["entropy"].values().detach())
         torch.testing.assert_close(sharded["log_probs"].values(), reference["log_probs"].values().detach())
     finally:
