@@ -1,10 +1,20 @@
-"""Time the entropy functions on one (tokens x vocab) logits tensor, graph-free, interleaved, medians.
+"""Time the log-prob and entropy functions on one (tokens x vocab) logits tensor (``torch.utils.benchmark``).
 
-  verl            verl.utils.torch_functional.entropy_from_logits (whole tensor)
-  verl_chunked    verl's entropy_from_logits_with_chunking, rows per chunk as ERC's read-only entropy uses
-  erc             erc_verl.algorithm.entropy.entropy_from_logits_no_grad (what the ERC seam runs without torch.compile)
+Log-prob pass of the update, forward and backward (what the actor step pays for the head):
+  verl_log_probs            verl.utils.torch_functional.logprobs_from_logits (DAPO; verl's torch kernel here)
+  verl_log_probs+entropy    the same plus ERC's graph-free entropy as a separate pass (where flash-attn keeps
+                            verl's kernel)
+  erc_one_pass              erc_verl.algorithm.entropy.log_probs_and_entropy (ERC without flash-attn)
 
-Also prints each one's largest deviation from a float64 reference on the first 64 rows.
+Entropy alone, graph-free:
+  verl                      verl's entropy_from_logits (whole tensor)
+  verl_chunked              verl's entropy_from_logits_with_chunking, rows per chunk as ERC's chunks
+  erc                       erc_verl.algorithm.entropy.entropy_from_logits_no_grad
+
+Each row gives the median of ``torch.utils.benchmark``'s blocked runs and the largest deviation from a float64
+reference on the first 64 rows (log-prob or entropy). On CPU the process re-executes itself once with glibc
+keeping freed memory (as ``bench_overhead``'s timing process does, see there): otherwise each backward's
+(tokens x vocab) gradient is mapped afresh and page faults dominate what is timed.
 
 Example:
   python scripts/bench_entropy.py --tokens 512 --vocab 151936
@@ -13,62 +23,89 @@ Example:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
+
+from erc_verl.bench.overhead import MALLOC_ENV, device_name
+
+
+def _reexec_with_cached_malloc(device: str) -> None:
+    wanted = MALLOC_ENV["cached"]
+    if device == "cpu" and any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.execve(sys.executable, [sys.executable, "-m", "erc_verl.bench.entropy", *sys.argv[1:]],
+                  {**os.environ, **wanted})
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=151_936)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokens", type=int, default=512, help="rows of the logits tensor")
+    p.add_argument("--vocab", type=int, default=151_936, help="vocabulary size (Qwen2's by default)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the logits")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--scale", type=float, default=3.0, help="logit standard deviation")
-    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per row (torch.utils.benchmark)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    if argv is None:
+        _reexec_with_cached_malloc(args.device)
 
     import torch
+    from torch.utils import benchmark
 
     from verl.utils import torch_functional as verl_F
 
-    from erc_verl.algorithm.entropy import default_chunk_rows, entropy_from_logits_no_grad
+    from erc_verl.algorithm.entropy import default_chunk_rows, entropy_from_logits_no_grad, log_probs_and_entropy
 
+    threads = args.threads or torch.get_num_threads()
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(args.tokens, args.vocab, generator=g) * args.scale).to(args.device, dtype)
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=g).to(args.device)
+    upstream = torch.randn(args.tokens, generator=g).to(args.device)
+    leaf = logits.clone().requires_grad_()
     rows = default_chunk_rows(logits)
-    functions = {
+
+    def verl_log_probs(x, y):
+        return verl_F.logprobs_from_logits(x, y)
+
+    def verl_log_probs_and_entropy(x, y):
+        entropy_from_logits_no_grad(x)
+        return verl_F.logprobs_from_logits(x, y)
+
+    def one_pass(x, y):
+        return log_probs_and_entropy(x, y)[0]
+
+    passes = {"verl_log_probs": verl_log_probs, "verl_log_probs+entropy": verl_log_probs_and_entropy,
+              "erc_one_pass": one_pass}
+    entropies = {
         "verl": verl_F.entropy_from_logits,
         "verl_chunked": lambda x: verl_F.entropy_from_logits_with_chunking(x, chunk_size=rows),
         "erc": entropy_from_logits_no_grad,
     }
-    head = logits[:64].double()
-    reference = -(head.log_softmax(-1).exp() * head.log_softmax(-1)).sum(-1)
 
-    def sync():
-        if logits.device.type == "cuda":
-            torch.cuda.synchronize()
+    def step(fn):
+        leaf.grad = None
+        fn(leaf, labels).backward(upstream)
 
-    times = {name: [] for name in functions}
+    head = logits[:64].double().log_softmax(-1)
+    exact_log_probs = head.gather(-1, labels[:64, None]).squeeze(-1)
+    exact_entropy = -(head.exp() * head).sum(-1)
+    timers = [(f"{name} (fwd+bwd)", benchmark.Timer("step(fn)", globals={"step": step, "fn": fn},
+                                                    num_threads=threads, label="update pass"),
+               (fn(logits[:64], labels[:64]).detach().double() - exact_log_probs).abs().max().item())
+              for name, fn in passes.items()]
     with torch.no_grad():
-        for fn in functions.values():  # warm-up
-            fn(logits)
-        for _ in range(args.reps):
-            for name, fn in functions.items():
-                sync()
-                start = time.perf_counter()
-                fn(logits)
-                sync()
-                times[name].append(time.perf_counter() - start)
-        errors = {name: (fn(logits[:64]).double() - reference).abs().max().item() for name, fn in functions.items()}
-
-    base = statistics.median(times["verl_chunked"])
-    print(f"logits {args.tokens} x {args.vocab} {args.dtype} on {args.device}, {torch.get_num_threads()} thread(s), "
-          f"{rows} rows per chunk, median of {args.reps}")
-    for name in functions:
-        median = statistics.median(times[name])
-        print(f"  {name:<13} {median * 1e3:8.1f} ms  x{median / base:5.2f} vs verl_chunked   "
-              f"max |error| {errors[name]:.1e}")
+        timers += [(name, benchmark.Timer("fn(x)", globals={"fn": fn, "x": logits}, num_threads=threads,
+                                          label="entropy alone"),
+                    (fn(logits[:64]).double() - exact_entropy).abs().max().item())
+                   for name, fn in entropies.items()]
+    print(f"logits {args.tokens} x {args.vocab} {args.dtype} on {device_name(args.device)}, {threads} thread(s), "
+          f"{rows} rows per chunk; median of torch.utils.benchmark blocked_autorange({args.min_run_time} s)")
+    for name, timer, error in timers:
+        grad = torch.enable_grad() if "fwd+bwd" in name else torch.no_grad()
+        with grad:
+            median = timer.blocked_autorange(min_run_time=args.min_run_time).median
+        print(f"  {name:<33} {median * 1e3:8.1f} ms   max |error| {error:.1e}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ Three variants run through verl's real ``FSDPEngineWithLMHead.forward_step`` (on
 
   dapo           verl's ``ppo_loss`` with ``loss_mode=vanilla`` (DAPO clip-higher 0.2/0.28), no entropy
                  (micro-batch ``calculate_entropy=False``), on a stock engine.
-  erc            ERC as the plugin runs it: ``erc_verl.seams.engine.enable_detached_entropy`` on the engine, the
-                 micro-batch flagged with ``DETACHED_ENTROPY_KEY``, ``erc_verl.seams.actor_loss.ppo_loss_with_entropy``
-                 with ``loss_mode=grpo_erc``.
+  erc            ERC as the plugin runs it: ``erc_verl.seams.engine.enable_detached_entropy`` on the engine (without
+                 flash-attn, as here and on the GPU kit: log-probs and entropy in one pass), the micro-batch flagged
+                 with ``DETACHED_ENTROPY_KEY``, ``erc_verl.seams.actor_loss.ppo_loss_with_entropy``, ``grpo_erc``.
   graph_entropy  ERC with the entropy computed under autograd (what the reference does and what verl does with
                  ``calculate_entropy=True``): stock engine, micro-batch ``calculate_entropy=True``, no detached
                  flag, same loss (``ppo_loss_with_entropy``, ``grpo_erc``).
@@ -70,9 +70,9 @@ VARIANTS = ("dapo", "erc", "graph_entropy")
 REAL_VOCAB = 151_936
 WORKER_TAG = "BENCH_WORKER_RESULT "
 
-# CPU acceptance targets of the issue (defined for --quick on CPU).
-TARGET_TIME_RATIO_ERC = 1.10
-TARGET_MEM_RATIO_ERC = 1.05
+# Targets for ERC against DAPO (defined for --quick on CPU): at most 2% more step time, 1% more peak memory.
+TARGET_TIME_RATIO_ERC = 1.02
+TARGET_MEM_RATIO_ERC = 1.01
 # Peak RSS of identical CPU processes (mmap threshold pinned) agrees to about 1 MiB; CUDA's allocator is exact.
 RSS_NOISE_BYTES = 2 << 20
 
@@ -512,6 +512,20 @@ def check(entry: dict, device: str) -> dict:
     return {"pass": all(criteria.values()), "criteria": criteria}
 
 
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU model as the kernel reports it (``platform.processor()`` is often just the
+    architecture)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def print_table(cfg: dict, entries: list[dict], out=sys.stdout) -> None:
     metric = "cuda max_memory_allocated" if cfg["device"] == "cuda" else "peak RSS (ru_maxrss)"
     cpu_cols = cfg["device"] == "cpu"
@@ -520,6 +534,8 @@ def print_table(cfg: dict, entries: list[dict], out=sys.stdout) -> None:
     if cpu_cols:
         header += f"  {'cpu med ms':>10} {'cpu x':>6}"
     header += f"  {'peak MiB':>8} {'base MiB':>8} {'mem x':>6} {'(peak-base) x':>13}"
+    print(f"\nmachine: {device_name(cfg['device'])}, {os.cpu_count()} cpu(s), {cfg['threads'] or 'default'} torch "
+          "thread(s)", file=out)
     print(header, file=out)
     for e in entries:
         dapo = e["variants"]["dapo"]
@@ -675,8 +691,7 @@ def main(argv=None) -> int:
     result = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": cfg["device"],
-        "device_name": (torch.cuda.get_device_name() if cfg["device"] == "cuda"
-                        else platform.processor() or platform.machine()),
+        "device_name": device_name(cfg["device"]),
         "torch_threads": threads,
         "cpu_count": os.cpu_count(),
         "loadavg_before_after_timing": timing["loadavg_before_after"],
