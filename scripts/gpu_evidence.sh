@@ -28,7 +28,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=scripts/gpu_kit
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}     # the interpreter that runs the kit (on the GPU: plain python3, the one with torch)
+PIP=${PIP:-"$PY -m pip"}  # the pip that installs for it (word-split on purpose)
 LIMIT_BYTES=$((64 * 1024 * 1024))
 
 size_report() {  # $1 wheel dir: each wheel, the working tree that travels with it, the total against 64 MiB
@@ -50,7 +51,7 @@ run_kit() {  # uses device, out, wheels, site, rest
   local start=$SECONDS rc
   if [[ -n $wheels ]]; then
     ls "$wheels"/*.whl > /dev/null || { echo "kit: no wheels in $wheels: run 'prepare' on a machine with pip access" >&2; return 2; }
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
+    $PIP install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     echo "kit: installed $(ls "$wheels"/*.whl | wc -l) wheels into $site ($((SECONDS - start)) s)"
   fi
