@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -344,6 +345,14 @@ def gpu_table(summary: dict, r: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (not an Exception, so no stage's error handling swallows it)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -377,27 +386,34 @@ def main(argv=None) -> int:
         summary["ray"] = ray_report()
         summary["wall_s"] = time.time() - started
         ok = [summary[k].get("pass", summary[k].get("ok")) for k in ("check", "bench") if k in summary]
-        summary["pass"] = bool(ok) and all(ok) and not summary["ray"]["uses"]
+        summary["pass"] = bool(ok) and all(ok) and not summary["ray"]["uses"] and "terminated" not in summary
         (out / "evidence.json").write_text(json.dumps(summary, indent=2, default=str))
         (out / "evidence.md").write_text(gpu_table(summary, bench_result))
 
-    if not args.skip_check:
-        print("gpu_evidence: update check", flush=True)
-        try:
-            summary["check"] = update_check(args.device, [d for d in args.dtypes.split(",") if d])
-        except Exception as e:
-            traceback.print_exc()
-            summary["check"] = {"pass": False, "error": "".join(traceback.format_exception_only(type(e), e)).strip()}
-        (out / "check.json").write_text(json.dumps(summary["check"], indent=2, default=str))
-        write()
-    if not args.skip_bench:
-        print("gpu_evidence: overhead benchmark", flush=True)
-        summary["bench"] = bench(args.device, out, args.bench_args)
-        bench_result = summary["bench"].pop("result", None)  # that is overhead.json; evidence.json keeps the verdict
-        if bench_result:
-            summary["bench"].update({k: bench_result.get(k) for k in (
-                "tokens", "time_ratio_erc", "time_ratio_paired_erc", "mem_ratio_erc", "time_ratio_graph_entropy",
-                "mem_ratio_graph_entropy")})
+    signal.signal(signal.SIGTERM, _terminate)  # the kit's `timeout`: stop, but still write what was measured
+    try:
+        if not args.skip_check:
+            print("gpu_evidence: update check", flush=True)
+            try:
+                summary["check"] = update_check(args.device, [d for d in args.dtypes.split(",") if d])
+            except Exception as e:
+                traceback.print_exc()
+                summary["check"] = {"pass": False,
+                                    "error": "".join(traceback.format_exception_only(type(e), e)).strip()}
+            (out / "check.json").write_text(json.dumps(summary["check"], indent=2, default=str))
+            write()
+        if not args.skip_bench:
+            print("gpu_evidence: overhead benchmark", flush=True)
+            summary["bench"] = {"ok": False, "error": "not finished"}
+            summary["bench"] = bench(args.device, out, args.bench_args)
+            bench_result = summary["bench"].pop("result", None)  # that is overhead.json; evidence.json: the verdict
+            if bench_result:
+                summary["bench"].update({k: bench_result.get(k) for k in (
+                    "tokens", "time_ratio_erc", "time_ratio_paired_erc", "mem_ratio_erc", "time_ratio_graph_entropy",
+                    "mem_ratio_graph_entropy")})
+    except Terminated:
+        summary["terminated"] = "SIGTERM (the kit's time limit): results so far"
+        print("gpu_evidence: terminated (time limit); writing what was measured", flush=True)
     write()
     table = gpu_table(summary, bench_result)
     print("\n" + table)
