@@ -3,8 +3,10 @@
 # borrowed GPU machine that has torch and transformers but no verl, no Ray, no vLLM and no network.
 #
 #   bash scripts/gpu_evidence.sh prepare [WHEEL_DIR]     HERE (registry access): wheels for the GPU into .whl/
-#   bash scripts/gpu_evidence.sh run [--device cuda|cpu] [--out DIR] [-- ARGS for erc_verl.bench.gpu_evidence]
+#   bash scripts/gpu_evidence.sh run [--device cuda|cpu] [--out DIR] [-- KIT_ARGS [-- BENCH_ARGS]]
 #                                                        THERE: install the wheels with --no-deps --target, measure
+#     KIT_ARGS: erc_verl.bench.gpu_evidence's (--skip-check, --skip-bench, --dtypes float32); BENCH_ARGS:
+#     erc_verl.bench.overhead's (e.g. --reps 3). Other run options: --wheels DIR, --site DIR, --no-install.
 #   bash scripts/gpu_evidence.sh size [WHEEL_DIR]        what would travel: wheels + working tree, against 64 MiB
 #
 # What travels (prepare; sizes printed: 3.5 MB of wheels): erc_verl's own wheel (`pip wheel --no-deps .`) and the pinned
@@ -115,12 +117,13 @@ run)
       *) echo "run: unknown argument $1" >&2; exit 2 ;;
     esac
   done
-  out=$(mkdir -p "$out" && cd "$out" && pwd)
+  out=$(mkdir -p "$out" && cd "$out" && pwd)   # absolute: the kit's python runs from $out
+  site=$(mkdir -p "$site" && cd "$site" && pwd)
   run_kit 2>&1 | tee "$out/run.log"
   exit "${PIPESTATUS[0]}"
   ;;
 *)
-  sed -n "2,30p" "$0" | sed 's/^# \{0,1\}//'
+  sed -n "2,31p" "$0" | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac
