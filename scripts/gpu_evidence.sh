@@ -123,7 +123,7 @@ run)
   exit "${PIPESTATUS[0]}"
   ;;
 *)
-  sed -n "2,31p" "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   exit 2
   ;;
 esac
