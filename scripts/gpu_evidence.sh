@@ -53,7 +53,8 @@ size_report() {  # $1 wheel dir: each wheel, the working tree that travels with 
 run_kit() {  # uses device, out, wheels, site, rest
   local start=$SECONDS rc
   if [[ -n $wheels ]]; then
-    ls "$wheels"/*.whl > /dev/null || { echo "kit: no wheels in $wheels: run 'prepare' on a machine with pip access" >&2; return 2; }
+    ls "$wheels"/*.whl > /dev/null \
+      || { echo "kit: no wheels in $wheels: run 'prepare' on a machine with pip access" >&2; return 2; }
     $PIP install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     echo "kit: installed $(ls "$wheels"/*.whl | wc -l) wheels into $site ($((SECONDS - start)) s)"

@@ -5,8 +5,9 @@ Two parts, results into ``--out`` (at most 5 files: the device tool returns 8):
   check      one ERC update -- verl's ``FSDPEngineWithLMHead.forward_step`` with the plugin's detached-entropy seam,
              ``erc_verl.seams.actor_loss.ppo_loss_with_entropy`` (``loss_mode=grpo_erc``), ``loss.backward()`` -- on the
              device, at a small shape, in float32 and in bfloat16, against the same update of the same weights
-             in float64 on the CPU (random weights rounded to bfloat16, so every dtype holds them exactly). Compared: the loss, the logits and their gradient, and the gradients of
-             five parameter tensors (relative L2 error, max abs error), and the ERC / PPO clip fractions.
+             in float64 on the CPU (random weights rounded to bfloat16, so every dtype holds them exactly).
+             Compared: the loss, the logits and their gradient, the gradients of five parameter tensors (relative
+             L2 error, max abs error), and the ERC / PPO clip fractions.
              The old log-probs and old entropies are set from the float64 model's own log-probs and entropies so that
              every token's entropy ratio lies at least 0.04 from an edge of the band (0.95, 1.05) and every PPO ratio
              at least 0.1 from a clip edge: rounding on the device cannot flip a gate decision, and the expected ERC
@@ -311,7 +312,8 @@ def gpu_table(summary: dict, r: dict | None) -> str:
         cfg = r["config"]
         lines.append(
             f"{r['device_name']}, torch {r['versions']['torch']}, transformers {r['versions']['transformers']}, verl "
-            f"{r['versions']['verl']}, {summary['date'][:10]}; `{cfg['preset'] or 'custom'}` shape ({cfg['layers']} layers, "
+            f"{r['versions']['verl']}, {summary['date'][:10]}; `{cfg['preset'] or 'custom'}` shape "
+            f"({cfg['layers']} layers, "
             f"hidden {cfg['hidden_size']}, vocab {cfg['vocab']}, random weights), {cfg['dtype']}, {r['tokens']} tokens "
             f"per micro-batch, gradient checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'}, entropy "
             f"torch.compile {cfg['entropy_compile']}; medians of {cfg['reps']} interleaved rounds after "
@@ -341,13 +343,15 @@ def gpu_table(summary: dict, r: dict | None) -> str:
         lines.append(f"ERC update on {summary.get('device_name')} vs float64 on CPU ({shape['layers']} layers, hidden "
                      f"{shape['hidden_size']}, vocab {shape['vocab']}, {shape['tokens']} tokens; {c['note']}):")
         lines.append("")
-        lines.append("| dtype | loss (device / float64) | loss err / mean abs A | logits rel L2 | d loss/d logits rel L2 "
+        lines.append("| dtype | loss (device / float64) | loss err / mean abs A | logits rel L2 "
+                     "| d loss/d logits rel L2 "
                      "| worst param grad rel L2 | ERC clipfrac (expected) | pass |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for dtype, run in c["runs"].items():
             cmp, w, m = run["compare"], run["worst_grad"], run["metrics"]["actor/erc_clipfrac"]
             lines.append(
-                f"| {dtype} | {cmp['loss']['device']:.6g} / {cmp['loss']['reference']:.6g} | {cmp['loss']['scaled']:.1e} "
+                f"| {dtype} | {cmp['loss']['device']:.6g} / {cmp['loss']['reference']:.6g} | "
+                f"{cmp['loss']['scaled']:.1e} "
                 f"(<= {TOLERANCES[dtype]['loss']:g}) | {cmp['logits']['rel_l2']:.1e} | "
                 f"{cmp['logits_grad']['rel_l2']:.1e} | {w['rel_l2']:.1e} (`{w['param']}`) | "
                 f"{m['device']:.4f} ({run['expected_erc_clipfrac']:.4f}) | {'PASS' if run['pass'] else 'FAIL'} |")

@@ -138,7 +138,7 @@ def test_kit_runs_in_the_gpu_layout(tmp_path, erc_wheel):
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}).stdout
     assert seen.strip() == "['torch']", seen  # the real Ray, verl, TransferQueue, ... are out of reach
 
-    # the kit's --target folder: the carried packages (same pins, linked) + erc_verl, installed by the kit from its wheel
+    # the kit's --target folder: the carried packages (same pins, linked) + erc_verl, installed there by the kit
     site = tmp_path / "kit_site"
     site.mkdir()
     carry = carried()
