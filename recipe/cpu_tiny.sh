@@ -31,6 +31,8 @@ RANKS=$(( NNODES * GPUS_PER_NODE ))
 export GPU_MEM=${GPU_MEM:-0.08}
 export MAX_PROMPT_LEN=8 MAX_RESPONSE_LEN=8 VAL_MAX_RESPONSE_LEN=8 MAX_TOKENS_PER_GPU=512
 
+# Ray without its dashboard (a dozen Python processes per run, ~3 s of ray.init; a driver joining a cluster ignores it)
+# and verl's entropy function eager: torch.compile's first call costs ~20 s (inductor, g++) for a 2-layer model
 exec bash "$HERE/$RECIPE.sh" \
   data.train_batch_size=$(( 8 * RANKS )) \
   data.dataloader_num_workers=0 \
@@ -46,4 +48,7 @@ exec bash "$HERE/$RECIPE.sh" \
   trainer.test_freq=-1 \
   trainer.save_freq=-1 \
   trainer.resume_mode=disable \
+  +ray_kwargs.ray_init.include_dashboard=False \
+  actor_rollout_ref.actor.fsdp_config.use_torch_compile=False \
+  actor_rollout_ref.ref.fsdp_config.use_torch_compile=False \
   "$@"

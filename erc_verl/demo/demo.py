@@ -29,9 +29,12 @@ from typing import Optional, Sequence
 
 from erc_verl.demo.recipe_run import CPU_RECIPES
 
-# --quick stays under 3 minutes on 2 cores (CI runs it), the default under 10. One arm costs ~75 s of start-up
-# (Ray, FSDP workers, vLLM server, agent loop) plus ~5 s per step and per validation on the tiny model; two arms
-# side by side (--jobs 2) finish ~1.4x sooner than one after the other.
+# --quick is the smoke-test size (CI runs it), the default the one the README reports. Measured for issue 20 on
+# AMD EPYC, 2 cores shared with other jobs (1-min load average 12-24): --quick took 6.6-9 min wall, not the 3 min it
+# aims at. Each arm spends ~260 CPU-seconds (~325 before issue 20's start-up fixes), most of it in a dozen processes
+# (driver, Ray task runner, FSDP worker, vLLM server, engine core and worker, reward, agent loop, load balancer,
+# transfer queue) that each import torch/verl, 10-35 s apiece; both arms side by side reach their first validation
+# after ~230-310 s, then ~10-20 s per step. Ray runs its workers at nice 15: on a busy machine they get the CPU last.
 PRESETS = {
     "quick": dict(steps=5, prompts=8, n=8, minibatches=4, eval_every=5),
     "default": dict(steps=30, prompts=16, n=8, minibatches=8, eval_every=10),
@@ -51,7 +54,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--arms", default="dapo,dapo_erc",
                    help=f"comma-separated recipes to train, from: {', '.join(CPU_RECIPES)} (default: dapo,dapo_erc)")
     p.add_argument("--seed", type=int, default=0, help="seed of the warm-up, the data order and vLLM sampling")
-    p.add_argument("--quick", action="store_true", help="small preset (under 3 min) for smoke tests and CI")
+    p.add_argument("--quick", action="store_true", help="small preset (5 steps) for smoke tests and CI")
     size = p.add_argument_group("size (defaults come from the preset)")
     size.add_argument("--steps", type=int, help="RL steps per arm")
     size.add_argument("--prompts", type=int, help="prompts per rollout batch (data.train_batch_size)")

@@ -240,3 +240,7 @@ def test_cpu_tiny_recipe_scales_out_with_whole_batches_per_rank(tmp_path, nnodes
     mini_batch_samples = config["actor_rollout_ref"]["actor"]["ppo_mini_batch_size"] * n
     assert config["data"]["train_batch_size"] // ranks == 8 and config["data"]["train_batch_size"] % ranks == 0
     assert mini_batch_samples % ranks == 0 and mini_batch_samples // ranks == 16
+    # start-up work a CPU run does not need: Ray's dashboard, torch.compile of verl's entropy function
+    assert config["ray_kwargs"]["ray_init"]["include_dashboard"] is False
+    assert config["actor_rollout_ref"]["actor"]["fsdp_config"]["use_torch_compile"] is False
+    assert config["actor_rollout_ref"]["ref"]["fsdp_config"]["use_torch_compile"] is False

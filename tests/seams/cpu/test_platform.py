@@ -198,3 +198,26 @@ def test_patch_failure_at_import_surfaces_when_verl_builds_the_platform(monkeypa
     monkeypatch.setattr(platform_manager, "_current_platform", None)
     with pytest.raises(CPUModeUnsupported):
         platform_manager.get_platform()
+
+
+LAZY_VLLM_PROBE = """
+import sys
+import verl
+from verl.utils import device
+out = {"device_name": device.get_device_name(), "vllm_after_import_verl": "vllm" in sys.modules}
+from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
+sync = vLLMColocateWorkerExtension.update_weights_from_ipc
+out["weight_sync"] = [sync.__module__, getattr(sync, "_erc_cpu_mode", False)]
+emit(out)
+"""
+
+
+@pytest.mark.integration
+def test_cpu_mode_imports_vllm_only_where_verl_uses_it(run_python):
+    # most Ray workers of a run (reward, agent loop, transfer queue) never touch vLLM: `import verl` there
+    # must not import it for the weight-sync patch (~5 s of CPU per process) ...
+    answers = run_python(LAZY_VLLM_PROBE, cpu_mode=True)
+    assert answers["device_name"] == "cpu"
+    assert answers["vllm_after_import_verl"] is False
+    # ... and where verl's vLLM worker extension is imported, it is already the patched one
+    assert answers["weight_sync"] == ["erc_verl.seams.cpu.patches", True]
