@@ -45,7 +45,7 @@ def _rows(logits: torch.Tensor, rows: Optional[int]) -> int:
 def _stream(flat: torch.Tensor, rows: int, labels: Optional[torch.Tensor]):
     """One pass over ``flat`` (tokens, vocab): per row the log-sum-exp, the entropy and, with ``labels``, the
     label's logit. Two (rows, vocab) work buffers are reused for every chunk; ``flat`` is not modified."""
-    dtype = torch.float32
+    dtype = torch.float32  # whatever the logits' dtype
     n_rows = flat.shape[0]
     lse = torch.empty(n_rows, dtype=dtype, device=flat.device)
     entropy = torch.empty(n_rows, dtype=dtype, device=flat.device)
@@ -71,8 +71,8 @@ def _stream(flat: torch.Tensor, rows: int, labels: Optional[torch.Tensor]):
 
 @torch.no_grad()
 def entropy_from_logits_no_grad(logits: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
-    """Float32 entropy over the last dimension of ``logits`` (..., vocab), ``rows``
-    rows at a time (default: the device's budget above). Logits at -inf or float min (masked tokens) count as
+    """Float32 entropy over the last dimension of ``logits`` (..., vocab), any float dtype, ``rows`` rows at a
+    time (default: the device's budget above). Logits at -inf or float min (masked tokens) count as
     probability 0."""
     flat = logits.reshape(-1, logits.shape[-1])
     _, entropy, _ = _stream(flat, _rows(flat, rows), labels=None)
@@ -120,7 +120,6 @@ def log_probs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
     """``(log p(labels), H)`` over the last dimension of ``logits`` (..., vocab), ``labels`` (...), in one pass.
 
     Both are float32, computed in float32 from logits of any float dtype (as verl's log-probs are under
-    autocast on GPUs).
-    The log-probs carry a gradient to ``logits`` (in their dtype); the entropy is read-only.
+    autocast on GPUs). The log-probs carry a gradient to ``logits`` (in their dtype); the entropy is read-only.
     """
     return _LogProbsAndEntropy.apply(logits, labels, _rows(logits, rows))
