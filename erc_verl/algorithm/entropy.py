@@ -42,9 +42,20 @@ def _rows(logits: torch.Tensor, rows: Optional[int]) -> int:
     return rows or default_chunk_rows(logits)
 
 
+def _float32_only(device: torch.device):
+    """Autocast off: verl runs the engine's outputs under ``torch.autocast`` (bf16 with FSDP mixed precision),
+    which would run ``linalg.vecdot`` in bf16 (and ``sum(e * b)`` for a near-flat row overflows float16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _stream(flat: torch.Tensor, rows: int, labels: Optional[torch.Tensor]):
     """One pass over ``flat`` (tokens, vocab): per row the log-sum-exp, the entropy and, with ``labels``, the
     label's logit. Two (rows, vocab) work buffers are reused for every chunk; ``flat`` is not modified."""
+    with _float32_only(flat.device):
+        return _stream_float32(flat, rows, labels)
+
+
+def _stream_float32(flat: torch.Tensor, rows: int, labels: Optional[torch.Tensor]):
     dtype = torch.float32  # whatever the logits' dtype
     n_rows = flat.shape[0]
     lse = torch.empty(n_rows, dtype=dtype, device=flat.device)
@@ -91,6 +102,7 @@ class _LogProbsAndEntropy(torch.autograd.Function):
         return (label_logits - lse).view(labels.shape), entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_log_probs: torch.Tensor, _grad_entropy):
         """d log p(y) / d l = onehot(y) - softmax(l), chunk by chunk from the saved row log-sum-exp."""
         logits, labels, lse = ctx.saved_tensors
@@ -102,16 +114,17 @@ class _LogProbsAndEntropy(torch.autograd.Function):
         same_dtype = grad.dtype == lse.dtype
         work = None if same_dtype else torch.empty(min(ctx.rows, flat.shape[0]), flat.shape[-1], dtype=lse.dtype,
                                                    device=flat.device)
-        for start in range(0, flat.shape[0], ctx.rows):
-            chunk = flat[start : start + ctx.rows]
-            n = chunk.shape[0]
-            out = grad[start : start + n] if same_dtype else work[:n]
-            g = upstream[start : start + n]
-            torch.sub(chunk, lse[start : start + n, None], out=out)
-            out.mul_(_LOG2_E).exp2_().mul_(g.neg())
-            out.scatter_add_(1, flat_labels[start : start + n], g)
-            if not same_dtype:
-                grad[start : start + n].copy_(out)
+        with _float32_only(flat.device):
+            for start in range(0, flat.shape[0], ctx.rows):
+                chunk = flat[start : start + ctx.rows]
+                n = chunk.shape[0]
+                out = grad[start : start + n] if same_dtype else work[:n]
+                g = upstream[start : start + n]
+                torch.sub(chunk, lse[start : start + n, None], out=out)
+                out.mul_(_LOG2_E).exp2_().mul_(g.neg())
+                out.scatter_add_(1, flat_labels[start : start + n], g)
+                if not same_dtype:
+                    grad[start : start + n].copy_(out)
         return grad.view(logits.shape), None, None
 
 
@@ -119,7 +132,10 @@ def log_probs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
                           rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(labels), H)`` over the last dimension of ``logits`` (..., vocab), ``labels`` (...), in one pass.
 
-    Both are float32, computed in float32 from logits of any float dtype (as verl's log-probs are under
-    autocast on GPUs). The log-probs carry a gradient to ``logits`` (in their dtype); the entropy is read-only.
+    Both are float32, computed in float32 (autocast off) from logits of any float dtype, as verl's log-probs are
+    under autocast on GPUs. The log-probs carry a gradient to ``logits`` (in their dtype); the entropy is read-only.
     """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the logits' shape without the vocabulary, "
+                         f"{tuple(logits.shape[:-1])}")
     return _LogProbsAndEntropy.apply(logits, labels, _rows(logits, rows))

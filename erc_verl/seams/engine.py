@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from contextlib import contextmanager
 
 import torch
@@ -43,7 +44,9 @@ from erc_verl.algorithm.entropy import entropy_from_logits_no_grad, log_probs_an
 DETACHED_ENTROPY_KEY = "erc_detached_entropy"
 SUPPORTED_VERL = (0, 9)  # release series: 0.9.x, dev/pre/post/local builds included
 _ENGINE_KEYS = ("calculate_entropy", "distillation_only", "distillation_use_topk", "calculate_sum_pi_squared")
-# verl's log-prob function as prepare_model_outputs calls it (a global of the engine's module)
+_ENABLED_ATTR = "_erc_detached_entropy_enabled"
+# verl's log-prob function as prepare_model_outputs calls it (a global of the engine's module; swapped for the
+# duration of one call, module-wide: verl's engine workers run their calls one at a time)
 _LOG_PROB_FUNCTION = "logprobs_from_logits"
 # what verl_F.logprobs_from_logits reads to choose its kernel (see verl_uses_torch_log_probs)
 _LOG_PROB_CHOICE = ("FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", "VERL_DISABLE_FLASH_ATTN_CE",
@@ -82,7 +85,8 @@ def check_engine_contract(engine) -> None:
     missing = [key for key in _ENGINE_KEYS if f'"{key}"' not in source]
     if missing:
         raise _contract_broken(engine, f"{type(engine).__name__}.prepare_model_outputs no longer reads {missing}")
-    if f"{_LOG_PROB_FUNCTION}(" not in source or _LOG_PROB_FUNCTION not in method.__globals__:
+    # a bare call of the module global (not ``verl_F.logprobs_from_logits(``, which the swap would not reach)
+    if not re.search(rf"(?<![\w.]){_LOG_PROB_FUNCTION}\(", source) or _LOG_PROB_FUNCTION not in method.__globals__:
         raise _contract_broken(engine, f"prepare_model_outputs no longer calls its module's {_LOG_PROB_FUNCTION}")
     if not callable(getattr(engine, "_gather_and_unpad_packed", None)):
         raise _contract_broken(engine, "the engine has no _gather_and_unpad_packed")
@@ -155,12 +159,13 @@ def _log_probs_with_entropy(module_globals: dict, entropies: list):
         module_globals[_LOG_PROB_FUNCTION] = verl_log_probs
 
 
-def _fuses_with_log_probs(output, micro_batch: TensorDict) -> bool:
+def _one_pass_applies(output, micro_batch: TensorDict) -> bool:
     """Whether verl would compute these log-probs with its plain torch function from materialised logits."""
     return (
         getattr(output, "logits", None) is not None
         and not _flag(micro_batch, "use_fused_kernels", False)
         and not _flag(micro_batch, "distillation_use_topk", False)
+        and not _flag(micro_batch, "distillation_only", False)
         and verl_uses_torch_log_probs()
     )
 
@@ -176,6 +181,9 @@ def enable_detached_entropy(engine, gate_entropy_for_old_policy: bool = True) ->
     """
     check_verl_version()
     check_engine_contract(engine)
+    if getattr(engine, _ENABLED_ATTR, False):
+        raise RuntimeError(f"ERC: the detached-entropy seam is already enabled on this {type(engine).__name__}.")
+    setattr(engine, _ENABLED_ATTR, True)
     verl_prepare_model_outputs = engine.prepare_model_outputs
     module_globals = type(engine).prepare_model_outputs.__globals__
 
@@ -198,7 +206,7 @@ def enable_detached_entropy(engine, gate_entropy_for_old_policy: bool = True) ->
         update_pass = _flag(micro_batch, DETACHED_ENTROPY_KEY, False) and not graph_entropy and torch.is_grad_enabled()
         if not (old_policy_pass or update_pass):
             return verl_prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
-        if _fuses_with_log_probs(output, micro_batch):
+        if _one_pass_applies(output, micro_batch):
             return fused_pass(output, output_args, micro_batch, logits_processor_func)
         if old_policy_pass:
             with _gate_entropy_function(engine, output):

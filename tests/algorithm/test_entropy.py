@@ -1,5 +1,7 @@
 """The read-only entropy and the fused log-prob + entropy pass against float64 references."""
 
+import math
+
 import pytest
 import torch
 
@@ -165,3 +167,26 @@ def test_fused_entropy_is_read_only_and_agrees_with_the_entropy_alone():
     assert torch.equal(leaf.detach(), logits)
     with pytest.raises(ValueError, match="rows"):
         log_probs_and_entropy(leaf, labels, rows=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_pass_stays_float32_under_autocast(dtype):
+    """verl's engine runs prepare_model_outputs under torch.autocast (bf16 with FSDP mixed precision); autocast
+    would run some of the pass's reductions in 16 bits (bf16 rounding of H, float16 overflow on flat rows)."""
+    logits, labels, upstream = sample(seed=5)
+    flat = torch.zeros(1, 151_936)  # near-flat row: sum(e * b) is ~1e5, past float16's range
+    exact_lp, exact_grad = reference_log_probs(logits, labels, upstream)
+    with torch.autocast("cpu", dtype=dtype):
+        log_p, entropy, grad = fused(logits, labels, upstream)
+        flat_entropy = entropy_from_logits_no_grad(flat + torch.randn(1, 151_936) * 1e-3)
+    assert log_p.dtype == entropy.dtype == torch.float32
+    torch.testing.assert_close(log_p.double(), exact_lp, rtol=0, atol=2e-6)
+    torch.testing.assert_close(entropy.double(), reference_entropy(logits), rtol=0, atol=2e-6)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=0, atol=2e-6)
+    assert torch.isfinite(flat_entropy).all() and abs(flat_entropy.item() - math.log(151_936)) < 1e-4
+
+
+def test_labels_must_match_the_logits_rows():
+    logits, labels, _ = sample(tokens=4, vocab=10)
+    with pytest.raises(ValueError, match="labels"):
+        log_probs_and_entropy(logits, labels[:3])

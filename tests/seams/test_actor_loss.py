@@ -58,9 +58,9 @@ def test_erc_with_open_bounds_reproduces_verl_ppo_loss(kl, entropy_coeff, agg):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_erc_with_open_bounds_through_the_one_pass_seam_matches_verl_within_float32(agg):
     """With ERC's engine seam on, the log-probs come from its one-pass function instead of verl's (see
-    erc_verl/seams/engine.py); loss and gradients then equal verl's DAPO update to float32 rounding (measured here:
-    the same loss, gradients within 4e-9 where they reach 1e-2), not bit for bit as above, where both share
-    verl's log-probs."""
+    erc_verl/seams/engine.py); loss and gradients then equal verl's DAPO update to float32 rounding (asserted:
+    gradients within 2e-8 where they reach 1e-2; measured here: the same loss, gradients within 4e-9), not bit for
+    bit as above, where both share verl's log-probs."""
     model, td = tiny_qwen2(vocab_size=300), update_batch(batch_size=5, seed=3, vocab_size=300)
     ours = actor_config("grpo_erc", entropy_mask_low=0.0, entropy_mask_high=math.inf, loss_agg_mode=agg)
     engine = cpu_lm_engine(model)
@@ -70,7 +70,7 @@ def test_erc_with_open_bounds_through_the_one_pass_seam_matches_verl_within_floa
     v_loss, _, v_grads = forward(model, td, partial(verl_ppo_loss, config=actor_config("vanilla", loss_agg_mode=agg)),
                                  calculate_entropy=False)
     torch.testing.assert_close(loss, v_loss, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(grads, v_grads, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads, v_grads, rtol=0, atol=2e-8)
     assert metrics["actor/erc_clipfrac"].aggregate() == 0.0
 
 

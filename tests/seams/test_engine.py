@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from verl.utils import tensordict_utils as tu
+from verl.utils import torch_functional as verl_F
+from verl.utils.torch_functional import logprobs_from_logits  # noqa: F401  (a global the contract check looks for)
 from verl.workers.engine.fsdp import transformer_impl
 
 from erc_verl.seams.engine import (
@@ -32,6 +34,7 @@ def capture_outputs(engine, td, **flags):
         transformer_impl, "logprobs_from_logits", wraps=transformer_impl.logprobs_from_logits
     ) as spy:
         loss, _ = engine.forward_step(td, loss_function=loss_fn, forward_only=False)
+        seen["verl_log_probs_restored"] = transformer_impl.logprobs_from_logits is spy  # before mock restores it
     loss.backward()
     seen["inplace_backward"] = spy.call_args.kwargs.get("inplace_backward") if spy.called else None
     seen["verl_log_probs"] = spy.called
@@ -132,8 +135,14 @@ def test_contract_check_fails_loudly_when_verl_stops_calling_its_log_prob_functi
         def _gather_and_unpad_packed(self, tensor, pad_size):
             return tensor
 
-    with pytest.raises(RuntimeError, match="no longer calls its module's logprobs_from_logits"):
-        check_engine_contract(OwnLogProbs())
+    class QualifiedCall(OwnLogProbs):  # a call the module-global swap would not reach
+        def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+            keys = ("calculate_entropy", "distillation_only", "distillation_use_topk", "calculate_sum_pi_squared")
+            return {"log_probs": verl_F.logprobs_from_logits(output.logits, micro_batch), "read": keys}
+
+    for engine in (OwnLogProbs(), QualifiedCall()):
+        with pytest.raises(RuntimeError, match="no longer calls its module's logprobs_from_logits"):
+            check_engine_contract(engine)
 
 
 @pytest.mark.parametrize("version", ["0.8.0", "0.10.0", "0.10.0.dev0", "1.9.1"])
@@ -169,7 +178,23 @@ def test_one_pass_yields_log_probs_and_entropy_and_restores_verls_function():
     assert spy.call_count == 1 and spy.call_args.args[0].shape[-1] == 64
     separate_entropy.assert_not_called()
     assert seen["entropy"].values().shape == seen["log_probs"].values().shape
-    assert transformer_impl.logprobs_from_logits is verl_log_probs  # verl's function restored after the pass
+    assert seen["verl_log_probs_restored"]  # verl's function is back after the pass
+    assert transformer_impl.logprobs_from_logits is verl_log_probs
+
+
+def test_verls_log_prob_function_is_restored_when_the_pass_fails():
+    from erc_verl.seams import engine as seam
+
+    model, td = tiny_qwen2(), update_batch(seed=5)
+    engine = cpu_lm_engine(model)
+    enable_detached_entropy(engine)
+    verl_log_probs = transformer_impl.logprobs_from_logits
+    with mock.patch.object(seam, "log_probs_and_entropy", side_effect=RuntimeError("boom")):
+        with pytest.raises(RuntimeError, match="boom"):
+            capture_outputs(engine, td, **{DETACHED_ENTROPY_KEY: True})
+    assert transformer_impl.logprobs_from_logits is verl_log_probs
+    with pytest.raises(RuntimeError, match="already enabled"):
+        enable_detached_entropy(engine)
 
 
 def float64_reference(model, td, **flags):
