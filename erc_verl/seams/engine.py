@@ -187,7 +187,7 @@ def enable_detached_entropy(engine, gate_entropy_for_old_policy: bool = True) ->
     verl_prepare_model_outputs = engine.prepare_model_outputs
     module_globals = type(engine).prepare_model_outputs.__globals__
 
-    def fused_pass(output, output_args, micro_batch: TensorDict, logits_processor_func):
+    def one_pass(output, output_args, micro_batch: TensorDict, logits_processor_func):
         """verl's pass with verl's entropy off and the log-prob function yielding the entropy as well."""
         request = micro_batch.copy()
         tu.assign_non_tensor(request, calculate_entropy=False)
@@ -207,7 +207,7 @@ def enable_detached_entropy(engine, gate_entropy_for_old_policy: bool = True) ->
         if not (old_policy_pass or update_pass):
             return verl_prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
         if _one_pass_applies(output, micro_batch):
-            return fused_pass(output, output_args, micro_batch, logits_processor_func)
+            return one_pass(output, output_args, micro_batch, logits_processor_func)
         if old_policy_pass:
             with _gate_entropy_function(engine, output):
                 return verl_prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
