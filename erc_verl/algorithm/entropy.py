@@ -42,21 +42,22 @@ def _rows(logits: torch.Tensor, rows: Optional[int]) -> int:
     return rows or default_chunk_rows(logits)
 
 
-def _float32_only(device: torch.device):
+def _autocast_off(device: torch.device):
     """Autocast off: verl runs the engine's outputs under ``torch.autocast`` (bf16 with FSDP mixed precision),
-    which would run ``linalg.vecdot`` in bf16 (and ``sum(e * b)`` for a near-flat row overflows float16)."""
+    which would run ``linalg.vecdot`` in bf16 (and ``sum(e * b)`` of a near-flat row overflows float16). The
+    pass's precision is its own: float32, float64 for float64 logits."""
     return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _stream(flat: torch.Tensor, rows: int, labels: Optional[torch.Tensor]):
     """One pass over ``flat`` (tokens, vocab): per row the log-sum-exp, the entropy and, with ``labels``, the
     label's logit. Two (rows, vocab) work buffers are reused for every chunk; ``flat`` is not modified."""
-    with _float32_only(flat.device):
-        return _stream_float32(flat, rows, labels)
+    with _autocast_off(flat.device):
+        return _stream_chunks(flat, rows, labels)
 
 
-def _stream_float32(flat: torch.Tensor, rows: int, labels: Optional[torch.Tensor]):
-    dtype = torch.float32  # whatever the logits' dtype
+def _stream_chunks(flat: torch.Tensor, rows: int, labels: Optional[torch.Tensor]):
+    dtype = torch.promote_types(flat.dtype, torch.float32)  # float32, or float64 for float64 logits (references)
     n_rows = flat.shape[0]
     lse = torch.empty(n_rows, dtype=dtype, device=flat.device)
     entropy = torch.empty(n_rows, dtype=dtype, device=flat.device)
@@ -82,8 +83,8 @@ def _stream_float32(flat: torch.Tensor, rows: int, labels: Optional[torch.Tensor
 
 @torch.no_grad()
 def entropy_from_logits_no_grad(logits: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
-    """Float32 entropy over the last dimension of ``logits`` (..., vocab), any float dtype, ``rows`` rows at a
-    time (default: the device's budget above). Logits at -inf or float min (masked tokens) count as
+    """Float32 (float64 for float64 logits) entropy over the last dimension of ``logits`` (..., vocab), ``rows``
+    rows at a time (default: the device's budget above). Logits at -inf or float min (masked tokens) count as
     probability 0."""
     flat = logits.reshape(-1, logits.shape[-1])
     _, entropy, _ = _stream(flat, _rows(flat, rows), labels=None)
@@ -114,7 +115,7 @@ class _LogProbsAndEntropy(torch.autograd.Function):
         same_dtype = grad.dtype == lse.dtype
         work = None if same_dtype else torch.empty(min(ctx.rows, flat.shape[0]), flat.shape[-1], dtype=lse.dtype,
                                                    device=flat.device)
-        with _float32_only(flat.device):
+        with _autocast_off(flat.device):
             for start in range(0, flat.shape[0], ctx.rows):
                 chunk = flat[start : start + ctx.rows]
                 n = chunk.shape[0]
@@ -132,8 +133,9 @@ def log_probs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
                           rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(labels), H)`` over the last dimension of ``logits`` (..., vocab), ``labels`` (...), in one pass.
 
-    Both are float32, computed in float32 (autocast off) from logits of any float dtype, as verl's log-probs are
-    under autocast on GPUs. The log-probs carry a gradient to ``logits`` (in their dtype); the entropy is read-only.
+    Both are float32, computed in float32 (autocast off) from 16- and 32-bit logits, as verl's log-probs are under
+    autocast on GPUs; float64 logits (references) are computed and returned in float64. The log-probs carry a
+    gradient to ``logits`` (in their dtype); the entropy is read-only.
     """
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} must have the logits' shape without the vocabulary, "

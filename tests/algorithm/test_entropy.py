@@ -38,7 +38,7 @@ def test_extreme_rows_uniform_peaked_and_offset():
 def test_other_dtypes_match_the_reference(dtype):
     logits = (torch.randn(9, 4096, generator=torch.Generator().manual_seed(2)) * 8).to(dtype)
     got = entropy_from_logits_no_grad(logits, rows=4)
-    assert got.dtype == torch.float32
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(got.double(), reference_entropy(logits.double()), rtol=0, atol=1e-5)
 
 
@@ -190,3 +190,13 @@ def test_labels_must_match_the_logits_rows():
     logits, labels, _ = sample(tokens=4, vocab=10)
     with pytest.raises(ValueError, match="labels"):
         log_probs_and_entropy(logits, labels[:3])
+
+
+def test_float64_logits_give_float64_log_probs_and_gradients():
+    """References (the GPU kit's float64 update) need the pass in float64: checked with autograd's gradcheck."""
+    logits, labels, _ = sample(tokens=3, vocab=20, seed=6)
+    exact = logits.double().requires_grad_()
+    log_p, entropy = log_probs_and_entropy(exact, labels, rows=2)
+    assert log_p.dtype == entropy.dtype == torch.float64
+    torch.testing.assert_close(entropy, reference_entropy(logits), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: log_probs_and_entropy(x, labels, rows=2)[0], (exact,))
