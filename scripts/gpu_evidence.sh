@@ -6,7 +6,8 @@
 #   bash scripts/gpu_evidence.sh run [--device cuda|cpu] [--out DIR] [-- KIT_ARGS [-- BENCH_ARGS]]
 #                                                        THERE: install the wheels with --no-deps --target, measure
 #     KIT_ARGS: erc_verl.bench.gpu_evidence's (--skip-check, --skip-bench, --dtypes float32); BENCH_ARGS:
-#     erc_verl.bench.overhead's (e.g. --reps 3). Other run options: --wheels DIR, --site DIR, --no-install.
+#     erc_verl.bench.overhead's (e.g. --reps 3). Other run options: --wheels DIR, --no-install,
+#     --site DIR (where the wheels are installed; default $ERC_KIT_SITE, else $TMPDIR/erc_kit_site, TMPDIR /tmp).
 #   bash scripts/gpu_evidence.sh size [WHEEL_DIR]        what would travel: wheels + working tree, against 64 MiB
 #
 # What travels (prepare; sizes printed: 3.5 MB of wheels): erc_verl's own wheel (`pip wheel --no-deps .`) and the pinned
@@ -106,7 +107,7 @@ size)
   ;;
 run)
   shift
-  device=cuda out=${OUT:-gpu_evidence_out} wheels=.whl site=/tmp/erc_kit_site rest=()
+  device=cuda out=${OUT:-gpu_evidence_out} wheels=.whl site=${ERC_KIT_SITE:-${TMPDIR:-/tmp}/erc_kit_site} rest=()
   while (($#)); do
     case $1 in
       --device) device=$2; shift 2 ;;
