@@ -393,7 +393,7 @@ def main(argv=None) -> int:
     summary = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or "cpu"),
+        "device_name": overhead.device_name(args.device),
         "versions": versions(),
     }
     summary["ray"] = ray_report()  # after `import verl` (versions): verl.protocol has imported ray by now

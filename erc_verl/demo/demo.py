@@ -29,12 +29,8 @@ from typing import Optional, Sequence
 
 from erc_verl.demo.recipe_run import CPU_RECIPES
 
-# --quick is the smoke-test size (CI runs it), the default the one the README reports. Measured for issue 20 on
-# AMD EPYC, 2 cores shared with other jobs (1-min load average 12-24): --quick took 6.6-9 min wall, not the 3 min it
-# aims at. Each arm spends ~260 CPU-seconds (~325 before issue 20's start-up fixes), most of it in a dozen processes
-# (driver, Ray task runner, FSDP worker, vLLM server, engine core and worker, reward, agent loop, load balancer,
-# transfer queue) that each import torch/verl, 10-35 s apiece; both arms side by side reach their first validation
-# after ~230-310 s, then ~10-20 s per step. Ray runs its workers at nice 15: on a busy machine they get the CPU last.
+# --quick is the smoke-test size (CI runs it), the default the one the README reports. Where their time goes (mostly
+# a dozen processes per arm each importing torch/verl/vLLM, not the steps): docs/performance.md, "The demo's own time".
 PRESETS = {
     "quick": dict(steps=5, prompts=8, n=8, minibatches=4, eval_every=5),
     "default": dict(steps=30, prompts=16, n=8, minibatches=8, eval_every=10),
