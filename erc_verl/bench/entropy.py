@@ -65,9 +65,6 @@ def main(argv=None) -> None:
     leaf = logits.clone().requires_grad_()
     rows = default_chunk_rows(logits)
 
-    def verl_log_probs(x, y):
-        return verl_F.logprobs_from_logits(x, y)
-
     def verl_log_probs_and_entropy(x, y):
         entropy_from_logits_no_grad(x)
         return verl_F.logprobs_from_logits(x, y)
@@ -75,7 +72,7 @@ def main(argv=None) -> None:
     def one_pass(x, y):
         return log_probs_and_entropy(x, y)[0]
 
-    passes = {"verl_log_probs": verl_log_probs, "verl_log_probs+entropy": verl_log_probs_and_entropy,
+    passes = {"verl_log_probs": verl_F.logprobs_from_logits, "verl_log_probs+entropy": verl_log_probs_and_entropy,
               "erc_one_pass": one_pass}
     entropies = {
         "verl": verl_F.entropy_from_logits,
