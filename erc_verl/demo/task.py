@@ -14,6 +14,7 @@ after ``<eos>``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -86,16 +87,53 @@ def encode_targets(tokenizer: PreTrainedTokenizerFast, problems: list[Problem]) 
     return out, mask
 
 
-def build_policy(vocab_size: int, hidden_size: int, num_layers: int, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2 causal LM (float32, eager attention: deterministic on CPU)."""
-    heads = max(1, hidden_size // 32)
-    config = Qwen2Config(
+def tiny_qwen2(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    seed: Optional[int] = None,
+    attn_implementation: str = "sdpa",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **config,
+) -> Qwen2ForCausalLM:
+    """A Hugging Face ``Qwen2ForCausalLM`` with random weights, built from a config (nothing downloaded).
+
+    The one builder of small Qwen2 models: the demo's policy, the overhead benchmark and the tests. ``config``
+    takes further ``Qwen2Config`` fields (tied embeddings, token ids, RoPE base...).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    qwen2 = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        attn_implementation=attn_implementation,
+        **{"max_position_embeddings": 4096, "tie_word_embeddings": False, **config},
+    )
+    with torch.device(device):
+        model = Qwen2ForCausalLM(qwen2)
+    return model.to(dtype)
+
+
+def build_policy(vocab_size: int, hidden_size: int, num_layers: int, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+    """The demo's policy: a random tiny Qwen2 (float32, eager attention: deterministic on CPU)."""
+    heads = max(1, hidden_size // 32)
+    return tiny_qwen2(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        intermediate_size=4 * hidden_size,
+        attn_implementation="eager",
         max_position_embeddings=PROMPT_LEN + MAX_RESPONSE_LEN,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
@@ -103,8 +141,6 @@ def build_policy(vocab_size: int, hidden_size: int, num_layers: int, tokenizer: 
         eos_token_id=tokenizer.eos_token_id,
         use_cache=False,
     )
-    config._attn_implementation = "eager"
-    return Qwen2ForCausalLM(config).float()
 
 
 def response_logits(model: Qwen2ForCausalLM, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
