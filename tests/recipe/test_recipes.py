@@ -83,26 +83,18 @@ def test_bad_model_size_is_refused():
     assert out.returncode == 2 and "MODEL_SIZE must be 1.5b or 7b" in out.stderr
 
 
-# --- README "Fidelity to the reference scripts": every row against the dry-run config ---
+# --- recipe/fidelity.yaml (docs/fidelity.md's table): every entry against the dry-run config ---
 
-README = RECIPES.parent / "README.md"
+FIDELITY = RECIPES / "fidelity.yaml"
+RENDERER = RECIPES.parent / "scripts" / "render_fidelity.py"
 _ITEM = re.compile(r"(?:(1\.5B|7B|DAPO\+ERC|GPPO\+ERC)\s+)?`([^`]*)`")
 _LABELS = {"1.5b": "1.5B", "7b": "7B", "dapo_erc": "DAPO+ERC", "gppo_erc": "GPPO+ERC"}
 
 
 def fidelity_rows():
-    """(reference key or None, reference cell, ours cell, why cell) for each row of the README table."""
-    text = README.read_text()
-    section = text[text.index("## Fidelity to the reference scripts"):]
-    section = section[: section.index("\n## ", 1)]
-    rows = []
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 4 or not line.startswith("| ") or set(cells[0]) <= {"-"} or cells[0] == "reference key":
-            continue
-        key = cells[0][1:-1] if cells[0].startswith("`") and cells[0].endswith("`") else None
-        rows.append((key, *cells[1:]))
-    return rows
+    """(reference key or None, reference cell, ours cell, why cell) for each entry of recipe/fidelity.yaml."""
+    entries = yaml.safe_load(FIDELITY.read_text())["settings"]
+    return [(e["key"], e["reference"], e["ours"], e["why"]) for e in entries]
 
 
 def literal(text):
@@ -177,6 +169,12 @@ def test_fidelity_table_has_every_reference_setting():
     assert not reference - keys, sorted(reference - keys)
 
 
+def test_fidelity_doc_is_the_rendered_yaml():
+    """docs/fidelity.md's table is what scripts/render_fidelity.py writes from recipe/fidelity.yaml."""
+    out = subprocess.run([sys.executable, str(RENDERER), "--check"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("size", ["1.5b", "7b"])
 @pytest.mark.parametrize("recipe", ["dapo_erc", "gppo_erc"])
@@ -185,7 +183,7 @@ def test_recipe_matches_every_row_of_the_fidelity_table(recipe, size, data_dir):
     rows = fidelity_rows()
     assert len(rows) > 70
     for key, reference, ours, why in rows:
-        where = f"README fidelity row {key or reference!r}"
+        where = f"fidelity.yaml entry {key or reference!r}"
         if ours.startswith("site:"):
             assert OmegaConf.select(cfg, key) is not None, where
             continue
