@@ -8,7 +8,7 @@ construction, which the entry point does on the driver before any worker starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Optional
 
 from verl.base_config import BaseConfig
@@ -16,6 +16,9 @@ from verl.workers.config import FSDPActorConfig
 
 from erc_verl.algorithm.gate import ERCBounds
 from erc_verl.algorithm.losses import erc_base_loss_mode, is_erc_loss_mode
+
+
+DIAGNOSTICS = "actor_rollout_ref.actor.erc_diagnostics"
 
 
 @dataclass
@@ -35,9 +38,15 @@ class ERCDiagnosticsConfig(BaseConfig):
     seed: int = 0
 
     def __post_init__(self):
+        if self.dir is not None and not isinstance(self.dir, str):
+            raise ValueError(f"{DIAGNOSTICS}.dir must be a string (a directory) or null, got {self.dir!r}")
+        for name in ("tokens_per_step", "max_records", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{DIAGNOSTICS}.{name} must be an integer, got {value!r}")
         if self.tokens_per_step <= 0 or self.max_records <= 0:
             raise ValueError(
-                "actor_rollout_ref.actor.erc_diagnostics.tokens_per_step and .max_records must be positive, got "
+                f"{DIAGNOSTICS}.tokens_per_step and .max_records must be positive, got "
                 f"{self.tokens_per_step} and {self.max_records}."
             )
 
@@ -63,16 +72,29 @@ class ERCFSDPActorConfig(FSDPActorConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        ERCBounds(float(self.entropy_mask_low), float(self.entropy_mask_high))
-        if not 0.0 <= float(self.positive_nll_coeff) < float("inf"):
+        ERCBounds(self.entropy_mask_low, self.entropy_mask_high)
+        coeff = self.positive_nll_coeff
+        if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not 0.0 <= coeff < float("inf"):
             raise ValueError(
-                f"actor_rollout_ref.actor.positive_nll_coeff must be finite and >= 0, got {self.positive_nll_coeff}."
+                f"actor_rollout_ref.actor.positive_nll_coeff must be finite and >= 0, got {coeff!r}."
             )
         loss_mode = self.policy_loss.get("loss_mode", "vanilla")
         if is_erc_loss_mode(loss_mode):
             erc_base_loss_mode(loss_mode, self)
         if isinstance(self.erc_diagnostics, dict):
             object.__setattr__(self, "erc_diagnostics", ERCDiagnosticsConfig(**self.erc_diagnostics))
+
+
+def erc_actor_keys() -> list[str]:
+    """The keys ERCFSDPActorConfig adds to verl's FSDPActorConfig (a nested dataclass's keys dotted)."""
+    base = {f.name for f in fields(FSDPActorConfig)}
+    keys = []
+    for f in fields(ERCFSDPActorConfig):
+        if f.name not in base and is_dataclass(f.default_factory):
+            keys += [f"{f.name}.{sub.name}" for sub in fields(f.default_factory) if sub.init and sub.name != "_target_"]
+        elif f.name not in base:
+            keys.append(f.name)
+    return keys
 
 
 def validate_erc_config(config) -> None:

@@ -28,12 +28,25 @@ ERC_EXTREME_METRICS = ("actor/entropy_ratio_min", "actor/entropy_ratio_max")
 
 @dataclass(frozen=True)
 class ERCBounds:
-    """The open interval (low, high) in which the entropy ratio keeps a token's gradient."""
+    """The open interval (low, high) in which the entropy ratio keeps a token's gradient.
+
+    The one check of the ERC band: the actor config, the losses, the diagnostics and the demo's
+    --erc-low/--erc-high all build one, so a band is refused with the same line wherever it comes from.
+    """
 
     low: float
     high: float
 
     def __post_init__(self):
+        if self.low is None or self.high is None:
+            raise ValueError(
+                "ERC loss selected but actor_rollout_ref.actor.entropy_mask_low / entropy_mask_high are not set. "
+                "Launch with `python -m erc_verl.main_ppo` (its config defines them, paper: 0.95 / 1.05) or add "
+                "both keys to the actor config you pass to the loss."
+            )
+        for side, value in (("low", self.low), ("high", self.high)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"actor_rollout_ref.actor.entropy_mask_{side} must be a number, got {value!r}")
         if not (0.0 <= self.low < self.high):
             raise ValueError(
                 f"ERC needs 0 <= entropy_mask_low < entropy_mask_high, got low={self.low}, high={self.high}. "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -23,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from erc_verl.algorithm.gate import entropy_ratio
-from erc_verl.algorithm.losses import config_value
+from erc_verl.algorithm.losses import config_value, erc_bounds_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +45,13 @@ class ClipBounds:
     @classmethod
     def from_config(cls, config: Any) -> "ClipBounds":
         clip_ratio = config_value(config, "clip_ratio", 0.2)
+        erc = erc_bounds_from_config(config)
         return cls(
             clip_low=float(config_value(config, "clip_ratio_low", clip_ratio)),
             clip_high=float(config_value(config, "clip_ratio_high", clip_ratio)),
             clip_c=float(config_value(config, "clip_ratio_c", _DEFAULT_CLIP_RATIO_C)),
-            erc_low=float(config_value(config, "entropy_mask_low", 0.0)),
-            erc_high=float(config_value(config, "entropy_mask_high", math.inf)),
+            erc_low=float(erc.low),
+            erc_high=float(erc.high),
         )
 
 

@@ -64,6 +64,9 @@ def _valid(**overrides):
         ({"actor_rollout_ref.actor.policy_loss.loss_mode": "grpo_erc",
           "algorithm.rollout_correction.bypass_mode": True}, "bypass_mode"),
         ({"actor_rollout_ref.actor.erc_diagnostics.tokens_per_step": 0}, "tokens_per_step"),
+        ({"actor_rollout_ref.actor.erc_diagnostics.seed": "x"}, r"erc_diagnostics\.seed must be an integer, got 'x'"),
+        ({"actor_rollout_ref.actor.erc_diagnostics.dir": 5}, r"erc_diagnostics\.dir must be a string"),
+        ({"actor_rollout_ref.actor.positive_nll_coeff": "x"}, r"positive_nll_coeff must be finite and >= 0, got 'x'"),
         ({"actor_rollout_ref.actor.erc_diagnostics.dir": "/tmp/diag"}, "only ERC losses compute"),
     ],
 )

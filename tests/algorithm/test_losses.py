@@ -1,6 +1,7 @@
 """Registered losses against an independent float64 implementation of the paper's formulas."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -171,6 +172,27 @@ def test_missing_entropies_fail_loudly(name):
 def test_bad_bounds_are_refused(low, high):
     with pytest.raises(ValueError, match="0 <= entropy_mask_low < entropy_mask_high"):
         run_loss("grpo_erc", make_batch(), make_config(entropy_mask_low=low, entropy_mask_high=high), "token-mean")
+
+
+@pytest.mark.parametrize("low,high,message", [
+    ("abc", 1.05, "actor_rollout_ref.actor.entropy_mask_low must be a number, got 'abc'"),
+    (0.95, True, "actor_rollout_ref.actor.entropy_mask_high must be a number, got True"),
+    (float("nan"), 1.05, "0 <= entropy_mask_low < entropy_mask_high, got low=nan"),
+])
+def test_one_band_check_for_the_loss_the_actor_config_and_the_diagnostics(low, high, message):
+    """ERCBounds is the only check of the band: the loss, ERCFSDPActorConfig and the diagnostics refuse alike."""
+    from erc_verl.algorithm.gate import ERCBounds
+    from erc_verl.seams.diagnostics import ClipBounds
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ERCBounds(low, high)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_loss("grpo_erc", make_batch(), make_config(entropy_mask_low=low, entropy_mask_high=high), "token-mean")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClipBounds.from_config(make_config(entropy_mask_low=low, entropy_mask_high=high))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ERCFSDPActorConfig(strategy="fsdp", ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2, rollout_n=2,
+                           entropy_mask_low=low, entropy_mask_high=high)
 
 
 def test_missing_bounds_are_refused():
