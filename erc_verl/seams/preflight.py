@@ -4,12 +4,15 @@
 :class:`~erc_verl.seams.errors.ConfigError` that the entry point prints as one line,
 ``erc-verl: error: <message>``, exiting with status 2.
 
-- :func:`compose`: our Hydra config with the command-line overrides; a mistyped ERC key gets a
-  "did you mean", other override mistakes one line instead of Hydra's report.
-- :func:`check_config`: what a real launch and a dry run (``--cfg job``, ``ERC_DRY_RUN=1``) both
-  check: ERC key names and types, trainer sizes, the local model directory, verl's own
-  ``validate_config`` (as verl's ``main_ppo`` calls it), :func:`erc_verl.algorithm.config.validate_erc_config`,
-  then the local data files.
+Types, values and key names are verl's dataclass schema's to judge: verl's ``validate_config`` converts
+the actor section with ``omega_conf_to_dataclass`` into our ERCFSDPActorConfig, whose ``__post_init__``
+(and ERCBounds, the one check of the ERC band) refuses bad ERC values. This module adds what the schema
+cannot know and says every refusal in one line naming the key and the fix:
+
+- :func:`compose`: our Hydra config with the command-line overrides; a mistyped key gets a "did you mean".
+- :func:`check_config`: what a real launch and a dry run (``--cfg job``, ``ERC_DRY_RUN=1``) both check:
+  trainer sizes, the local model directory, verl's ``validate_config`` (as verl's ``main_ppo`` calls it),
+  :func:`erc_verl.algorithm.config.validate_erc_config`, then the local data files.
 - :func:`check_gpu_count`: right after ``ray.init``, before the task runner starts, the cluster has
   the GPUs the config asks for (otherwise verl waits for them forever in placement-group scheduling).
 - :func:`launch`: the entry point's command line: composes and checks, then hands over to Hydra.
@@ -23,14 +26,18 @@ import difflib
 import os
 import re
 import sys
-import typing
 from typing import Any, Callable, Optional, Sequence
 
 from erc_verl.seams.errors import ConfigError
 
 ACTOR = "actor_rollout_ref.actor"
 CONFIG_NAME = "erc_ppo_trainer"
+HYDRA_SERIES = (1, 3)  # the Hydra releases whose private argument parser launch() reads
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # hdfs://, s3://, gs://, ...: not checked here
+# Hydra's and Python's texts we read (tests/seams/test_preflight.py checks them on the real output):
+_COULD_NOT = re.compile(r"Could not (override|append to|delete) '([^']+)'")  # Hydra's override failure
+_FULL_KEY = re.compile(r"full_key: (\S+)")  # the section an InstantiationException names
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")  # a dataclass's TypeError for an unknown key
 
 
 # --------------------------------------------------------------------------- presenting refusals
@@ -51,132 +58,62 @@ def refusing_config_errors():
         raise SystemExit(2) from None
 
 
-# --------------------------------------------------------------------------- ERC keys, from the dataclasses
+# --------------------------------------------------------------------------- unknown keys, from the dataclasses
 
 
-def _init_fields(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.init and f.name != "_target_"]
+def _dataclass_of(node) -> Optional[type]:
+    """The dataclass verl builds a config section into (the section's ``_target_``), if it is one."""
+    from hydra.utils import get_class
+    from omegaconf import DictConfig
+
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    try:
+        cls = get_class(target) if isinstance(target, str) else None
+    except (ImportError, ValueError):
+        return None
+    return cls if dataclasses.is_dataclass(cls) else None
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else tp), len(args) < len(typing.get_args(tp))
-    return tp, False
+def unknown_key(section: str, key: str, cls: type) -> ConfigError:
+    """``section.key`` is no field of ``cls``: the closest field, and for the ERC sections the ERC keys."""
+    from erc_verl.algorithm.config import ERCDiagnosticsConfig, ERCFSDPActorConfig, erc_actor_keys
 
-
-def _erc_fields() -> dict[str, Any]:
-    """Field name -> type of the keys ERCFSDPActorConfig adds to verl's FSDPActorConfig."""
-    from verl.workers.config import FSDPActorConfig
-
-    from erc_verl.algorithm.config import ERCFSDPActorConfig
-
-    hints = typing.get_type_hints(ERCFSDPActorConfig)
-    base = set(_init_fields(FSDPActorConfig))
-    return {name: hints[name] for name in _init_fields(ERCFSDPActorConfig) if name not in base}
-
-
-def erc_actor_keys() -> list[str]:
-    """The ERC keys of ``actor_rollout_ref.actor`` (nested dataclass fields dotted), read from the dataclasses."""
-    keys = []
-    for name, tp in _erc_fields().items():
-        inner, _ = _unwrap_optional(tp)
-        if dataclasses.is_dataclass(inner):
-            keys += [f"{name}.{sub}" for sub in _init_fields(inner)]
-        else:
-            keys.append(name)
-    return keys
-
-
-def _actor_key_error(relative: str) -> Optional[ConfigError]:
-    """A ConfigError when ``actor_rollout_ref.actor.<relative>`` is no key of the ERC actor config."""
-    from erc_verl.algorithm.config import ERCFSDPActorConfig
-
-    parts = relative.split(".")
-    erc = _erc_fields()
-    if parts[0] in _init_fields(ERCFSDPActorConfig) or parts[0] == "_target_":
-        inner, _ = _unwrap_optional(erc.get(parts[0]))
-        if len(parts) == 1 or not dataclasses.is_dataclass(inner) or parts[1] in _init_fields(inner) + ["_target_"]:
-            return None
-    candidates = _init_fields(ERCFSDPActorConfig) + [k for k in erc_actor_keys() if "." in k]
-    close = difflib.get_close_matches(relative, candidates, n=1, cutoff=0.6)
-    hint = f"; did you mean {ACTOR}.{close[0]}?" if close else "."
-    keys = ", ".join(erc_actor_keys())
-    return ConfigError(f"{ACTOR}.{relative} is not a key of the actor config{hint} ERC keys: {keys}.")
-
-
-def check_erc_keys(actor) -> None:
-    """Every key of the actor section is one ERCFSDPActorConfig accepts; the ERC keys have the right types."""
-    keys = [str(key) for key in actor]
-    for name, tp in _erc_fields().items():
-        node = actor.get(name)
-        if dataclasses.is_dataclass(_unwrap_optional(tp)[0]) and hasattr(node, "keys"):
-            keys += [f"{name}.{key}" for key in node.keys()]
-    for key in keys:
-        error = _actor_key_error(key)
-        if error:
-            raise error
-    for name, tp in _erc_fields().items():
-        if name in actor:
-            _check_type(f"{ACTOR}.{name}", actor.get(name), tp)
-
-
-def _check_type(path: str, value: Any, tp: Any) -> None:
-    tp, optional = _unwrap_optional(tp)
-    if value is None and optional:
-        return
-    if dataclasses.is_dataclass(tp):
-        if not hasattr(value, "keys"):
-            raise ConfigError(f"{path} must be a mapping of {', '.join(_init_fields(tp))}, got {value!r}")
-        hints = typing.get_type_hints(tp)
-        for name in _init_fields(tp):
-            if name in value:
-                _check_type(f"{path}.{name}", value.get(name), hints[name])
-        return
-    expected = {float: ("a number", (int, float)), int: ("an integer", (int,)), bool: ("true or false", (bool,)),
-                str: ("a string", (str,))}.get(tp)
-    if expected is None:
-        return
-    what, types = expected
-    if not isinstance(value, types) or (tp is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{path} must be {what}, got {value!r}")
+    candidates = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "_target_"]
+    erc = cls in (ERCFSDPActorConfig, ERCDiagnosticsConfig)
+    if cls is ERCFSDPActorConfig:
+        candidates += [k for k in erc_actor_keys() if "." in k]
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f"; did you mean {section}.{close[0]}?" if close else "."
+    listing = f" ERC keys: {', '.join(erc_actor_keys())}." if erc else ""
+    return ConfigError(f"{section}.{key} is not a key of the {section.rsplit('.', 1)[-1]} config{hint}{listing}")
 
 
 # --------------------------------------------------------------------------- composition
 
 
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Refuse an override of an ERC-actor key that does not exist, with or without Hydra's ``+``/``++``."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except OverrideParseException as error:
-        raise ConfigError(f"cannot parse the override: {one_line(error)}") from error
-    for override in parsed:
-        key = override.key_or_group
-        if override.is_delete() or override.package is not None or not key.startswith(ACTOR + "."):
-            continue
-        error = _actor_key_error(key[len(ACTOR) + 1 :])
-        if error:
-            raise error
-
-
-def _close_key(config, dotted: str) -> Optional[str]:
-    """The existing key of ``config`` closest to the missing ``dotted`` one (same parent), if any."""
+def _deepest_section(config, dotted: str) -> tuple[Any, list[str]]:
+    """The deepest section of ``config`` on the path ``dotted``, and its path."""
     from omegaconf import DictConfig
 
-    parts = dotted.split(".")
     node, prefix = config, []
-    for part in parts[:-1]:
+    for part in dotted.split(".")[:-1]:
         child = node.get(part) if isinstance(node, DictConfig) and part in node else None
         if not isinstance(child, DictConfig):
             break
         node, prefix = child, prefix + [part]
-    missing = parts[len(prefix)]
+    return node, prefix
+
+
+def _override_refusal(base, key: str, cause: str) -> ConfigError:
+    """Hydra could not override ``key`` (``cause``: OmegaConf's reason); ``base`` is the config without overrides."""
+    node, prefix = _deepest_section(base, key)
+    missing = key.split(".")[len(prefix)]
+    cls = _dataclass_of(node)
+    if cls is not None and missing not in node:  # a section verl builds a dataclass from: `+key=` would not do
+        return unknown_key(".".join(prefix), missing, cls)
     close = difflib.get_close_matches(missing, [str(k) for k in node.keys()], n=1, cutoff=0.6)
-    return ".".join(prefix + [close[0]]) if close else None
+    hint = f"; did you mean {'.'.join(prefix + [close[0]])}?" if close else ""
+    return ConfigError(f"{key}: {cause}{hint} (to add a key the config lacks, write +{key}=...)")
 
 
 def compose(overrides: Sequence[str], config_name: str = CONFIG_NAME, config_dir: Optional[str] = None):
@@ -188,24 +125,21 @@ def compose(overrides: Sequence[str], config_name: str = CONFIG_NAME, config_dir
 
     from erc_verl.configs import CONFIG_DIR
 
-    check_overrides(overrides)
     with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base=None):
         try:
             return hydra_compose(config_name=config_name, overrides=list(overrides))
         except (HydraException, OmegaConfBaseException) as error:
             message = str(error).split("\n")[0]
-            match = re.match(r"Could not (override|append to|delete) '([^']+)'", message)
-            if match and isinstance(error.__cause__, OmegaConfBaseException):
-                key = match.group(2)
-                cause = str(error.__cause__).split("\n")[0]
-                overriding = match.group(1) == "override"
-                close = _close_key(hydra_compose(config_name=config_name), key) if overriding else None
-                hint = f"; did you mean {close}?" if close else ""
-                add = f" (to add a key the config lacks, write +{key}=...)" if overriding else ""
-                raise ConfigError(f"{key}: {cause}{hint}{add}") from error
-            if isinstance(error.__cause__, OmegaConfBaseException):
-                message += ": " + str(error.__cause__).split("\n")[0]
-            raise ConfigError(one_line(message)) from error
+            if not isinstance(error.__cause__, OmegaConfBaseException):
+                raise ConfigError(one_line(message)) from error
+            cause = str(error.__cause__).split("\n")[0]
+            match = _COULD_NOT.match(message)
+            if match is None:
+                raise ConfigError(one_line(f"{message}: {cause}")) from error
+            action, key = match.groups()
+            if action != "override":
+                raise ConfigError(f"{key}: {cause}") from error
+            raise _override_refusal(hydra_compose(config_name=config_name), key, cause) from error
 
 
 # --------------------------------------------------------------------------- checks on the composed config
@@ -262,8 +196,23 @@ def check_sizes(config) -> None:
         )
 
 
+def _conversion_refusal(config, error) -> Optional[ConfigError]:
+    """verl's dataclass conversion refused a section (Hydra's InstantiationException): the key and the reason."""
+    from omegaconf import OmegaConf
+
+    cause, section = error.__cause__, _FULL_KEY.search(str(error))
+    unexpected = _UNEXPECTED.search(str(cause)) if isinstance(cause, TypeError) else None
+    cls = _dataclass_of(OmegaConf.select(config, section.group(1))) if section and unexpected else None
+    if cls is not None:
+        return unknown_key(section.group(1), unexpected.group(1), cls)
+    if not isinstance(cause, (AssertionError, ValueError, OSError)):
+        return None
+    text = one_line(cause)
+    return ConfigError(f"{section.group(1)}: {text}" if section and section.group(1) not in text else text)
+
+
 def _verl_checks(config) -> None:
-    """verl's validate_config as verl's main_ppo calls it, then ERC's; their refusals as ConfigError."""
+    """verl's validate_config as verl's main_ppo calls it (it builds the actor dataclass), then ERC's."""
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
@@ -279,15 +228,11 @@ def _verl_checks(config) -> None:
             config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
         )
         validate_erc_config(config)
-    except InstantiationException as error:  # a dataclass refused its section: report the section and the reason
-        cause = error.__cause__
-        if not isinstance(cause, (AssertionError, ValueError, OSError)):
+    except InstantiationException as error:
+        refusal = _conversion_refusal(config, error)
+        if refusal is None:
             raise
-        section = re.search(r"full_key: (\S+)", str(error))
-        text = one_line(cause)
-        if section and section.group(1) not in text:
-            text = f"{section.group(1)}: {text}"
-        raise ConfigError(text) from error
+        raise refusal from error
     except (AssertionError, ValueError, MissingMandatoryValue) as error:
         if isinstance(error, ConfigError):
             raise
@@ -296,7 +241,6 @@ def _verl_checks(config) -> None:
 
 def check_config(config) -> None:
     """Everything a launch checks on the driver before Ray starts (the GPU count comes after ray.init)."""
-    check_erc_keys(config.actor_rollout_ref.actor)
     check_sizes(config)
     check_model_path(config)  # before verl's checks, which would try a missing local path as a hub id
     _verl_checks(config)
@@ -367,6 +311,26 @@ class GPUCheckedRunner:
 # --------------------------------------------------------------------------- the command line
 
 
+def hydra_args_parser():
+    """The argument parser ``@hydra.main`` itself uses, so launch() reads the command line exactly as Hydra will.
+
+    Hydra keeps it private (``hydra._internal.utils``): it is read only from the Hydra series it was checked
+    against, and tests/seams/test_preflight.py calls the real one for every attribute launch() reads.
+    """
+    import hydra
+    from packaging.version import Version
+
+    if Version(hydra.__version__).release[:2] != HYDRA_SERIES:
+        series = ".".join(map(str, HYDRA_SERIES))
+        raise RuntimeError(
+            f"erc-verl reads the command line with Hydra {series}.x's hydra._internal.utils.get_args_parser, found "
+            f"Hydra {hydra.__version__}. Install hydra-core=={series}.* or upgrade erc-verl."
+        )
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser()
+
+
 def launch(
     hydra_main: Callable[[], Any],
     check: Callable[[Any], None] = check_config,
@@ -380,9 +344,7 @@ def launch(
     real run is checked inside ``hydra_main`` (erc_verl.main_ppo.run). ``--help``, ``--multirun`` and the like,
     and ``--config-path`` / ``--config-dir`` (another config tree), go to Hydra unchanged.
     """
-    from hydra._internal.utils import get_args_parser  # the parser @hydra.main itself uses (Hydra 1.3)
-
-    args = get_args_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = hydra_args_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     hands_over = args.help or args.hydra_help or args.info or args.shell_completion or args.multirun
     if not hands_over and args.config_path is None and args.config_dir is None:
         with refusing_config_errors():

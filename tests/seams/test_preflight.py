@@ -19,7 +19,7 @@ from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
 from verl.workers.config import FSDPActorConfig
 
 from erc_verl.seams import preflight as P
-from erc_verl.algorithm.config import ERCFSDPActorConfig
+from erc_verl.algorithm.config import ERCFSDPActorConfig, erc_actor_keys
 from erc_verl.seams.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,9 +92,8 @@ def test_unregistered_erc_base_loss_is_refused_with_the_registered_names(tmp_pat
 
 @pytest.mark.parametrize("prefix", ["", "+", "++"])
 def test_misspelt_erc_key_gets_did_you_mean_and_the_erc_keys(tmp_path, prefix):
-    with pytest.raises(ConfigError) as error:
-        P.compose(valid_overrides(tmp_path) + [f"{prefix}{ACTOR}.entropy_mask_hgh=1.1"])
-    message = str(error.value)
+    """Without `+` Hydra refuses the override; with `+`/`++` verl's conversion to the actor dataclass does."""
+    message = refusal(valid_overrides(tmp_path) + [f"{prefix}{ACTOR}.entropy_mask_hgh=1.1"])
     assert message.startswith(
         f"{ACTOR}.entropy_mask_hgh is not a key of the actor config; did you mean {ACTOR}.entropy_mask_high? ERC keys: "
     )
@@ -104,9 +103,20 @@ def test_misspelt_erc_key_gets_did_you_mean_and_the_erc_keys(tmp_path, prefix):
     assert sorted(listed) == sorted(expected)
 
 
-def test_misspelt_nested_erc_key(tmp_path):
-    with pytest.raises(ConfigError, match=rf"did you mean {ACTOR}\.erc_diagnostics\.dir\?"):
-        P.compose(valid_overrides(tmp_path) + [f"+{ACTOR}.erc_diagnostics.dri=/x"])
+@pytest.mark.parametrize("prefix", ["", "+"])
+def test_misspelt_nested_erc_key(tmp_path, prefix):
+    assert refusal(valid_overrides(tmp_path) + [f"{prefix}{ACTOR}.erc_diagnostics.dri=/x"]).startswith(
+        f"{ACTOR}.erc_diagnostics.dri is not a key of the erc_diagnostics config; did you mean "
+        f"{ACTOR}.erc_diagnostics.dir? ERC keys: "
+    )
+
+
+def test_misspelt_key_of_a_verl_dataclass_section(tmp_path):
+    """Any section verl builds a dataclass from (its `_target_`) gets the closest field, ours or not."""
+    assert refusal(valid_overrides(tmp_path) + [f"+{ACTOR}.policy_loss.loss_mod=erc"]) == (
+        f"{ACTOR}.policy_loss.loss_mod is not a key of the policy_loss config; did you mean "
+        f"{ACTOR}.policy_loss.loss_mode?"
+    )
 
 
 def test_misspelt_verl_key_is_one_line_with_a_suggestion(tmp_path):
@@ -192,6 +202,50 @@ def test_gpu_count_against_the_ray_cluster(tmp_path, monkeypatch):
     assert created == ["options", "remote"]
 
 
+def test_hydra_texts_we_read_are_hydra_s_real_output(tmp_path):
+    """The three patterns over Hydra's and Python's error texts, on what Hydra 1.3 really raises."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from erc_verl.configs import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        with pytest.raises(HydraException) as error:
+            compose(config_name=P.CONFIG_NAME, overrides=["trainer.total_epoch=3"])
+        assert P._COULD_NOT.match(str(error.value)).groups() == ("override", "trainer.total_epoch")
+        assert isinstance(error.value.__cause__, OmegaConfBaseException)
+        config = compose(config_name=P.CONFIG_NAME, overrides=valid_overrides(tmp_path) + [
+            f"+{ACTOR}.erc_diagnostics.dri=/x"])
+    with pytest.raises(InstantiationException) as error:
+        omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+    assert P._FULL_KEY.search(str(error.value)).group(1) == f"{ACTOR}.erc_diagnostics"
+    assert isinstance(error.value.__cause__, TypeError)
+    assert P._UNEXPECTED.search(str(error.value.__cause__)).group(1) == "dri"
+
+
+def test_hydra_s_private_argument_parser_is_what_launch_reads(monkeypatch):
+    """launch() reads Hydra 1.3's private get_args_parser: fail here, not on a user's command line, when it moves."""
+    args = P.hydra_args_parser().parse_args(["--cfg", "job", "-m", "--config-name", "n", "--config-path", "p",
+                                             "--config-dir", "d", "a=1", "+b.c=2"])
+    assert (args.cfg, args.multirun, args.config_name, args.config_path, args.config_dir) == ("job", True, "n", "p", "d")
+    assert args.overrides == ["a=1", "+b.c=2"]
+    assert not (args.help or args.hydra_help or args.info or args.shell_completion)
+    for flags, attribute in ((["--help"], "help"), (["--hydra-help"], "hydra_help"), (["--info"], "info"),
+                             (["--shell-completion"], "shell_completion")):
+        assert getattr(P.hydra_args_parser().parse_args(flags), attribute)
+    plain = P.hydra_args_parser().parse_args([])
+    assert (plain.cfg, plain.multirun, plain.config_name, plain.config_path, plain.config_dir) == (
+        None, False, None, None, None)
+
+    import hydra
+
+    monkeypatch.setattr(hydra, "__version__", "1.4.0")
+    with pytest.raises(RuntimeError, match=r"Hydra 1\.3\.x's hydra\._internal\.utils\.get_args_parser, found Hydra 1\.4\.0"):
+        P.hydra_args_parser()
+
+
 def test_entry_point_detection():
     from erc_verl.seams.quiet import launched_as_entry_point
 
@@ -265,7 +319,7 @@ def test_cfg_job_refuses_a_misspelt_erc_key(tmp_path, prefix):
                             cwd=tmp_path)
     assert_refused_before_ray(out, seconds, (
         f"{ACTOR}.entropy_mask_hgh is not a key of the actor config; did you mean {ACTOR}.entropy_mask_high? "
-        f"ERC keys: {', '.join(P.erc_actor_keys())}."))
+        f"ERC keys: {', '.join(erc_actor_keys())}."))
 
 
 @pytest.mark.integration
