@@ -4,6 +4,11 @@ Same CLI as ``python -m verl.trainer.main_ppo`` (Hydra overrides, ``--cfg job``)
 ``ppo_trainer`` plus the ERC keys (configs/erc_ppo_trainer.yaml). With a non-ERC loss the run is
 verl's own. With an ERC loss the task runner builds the ERC trainer (erc_verl.seams.trainer).
 
+Once the trainer is built, the task runner writes the run identity (trainer class, ``use_v1``, trainer mode, replay
+buffer, ERC on/off, loss mode) to ``<metrics path without .jsonl>.identity.json`` next to verl's file-logger metrics
+(erc_verl.seams.run_identity; e.g. ``$VERL_FILE_LOGGER_PATH=run/metrics.jsonl`` -> ``run/metrics.identity.json``). The
+task runner is a Ray actor: on a cluster the file lands on its node, like verl's metrics file.
+
 Before Ray starts, the driver checks the config (erc_verl.seams.preflight): ERC key names and types, local
 data and model paths, verl's ``validate_config``, ERC's checks; ``--cfg job`` runs the same checks
 before it prints. A refusal is one line, ``erc-verl: error: <message>`` on stderr, exit status 2.
@@ -21,6 +26,7 @@ from erc_verl.seams.cpu.platform import cpu_mode_selected
 from erc_verl.seams.cpu.settings import apply_cpu_mode
 from erc_verl.seams.engine import check_verl_version
 from erc_verl.seams.preflight import GPUCheckedRunner, check_sizes, check_config, launch, refusing_config_errors
+from erc_verl.seams.run_identity import write_run_identity
 from erc_verl.seams.trainer import ERCRayPPOTrainer, erc_trainer_registered, plugin_actor_loss_enabled
 
 
@@ -36,15 +42,12 @@ class ERCTaskRunnerV1(TaskRunnerV1.__ray_actor_class__):
             return super().run(config)
 
     def init_agent_loop_manager(self):
-        """verl calls this between building the trainer and ``fit``: say what was built, in one line, so an
-        ERC run and its baseline can be seen to run the same trainer mode and replay buffer."""
+        """verl calls this between building the trainer and ``fit``: write what was built (the run identity), so
+        an ERC run and its baseline can be seen to run the same trainer mode and replay buffer."""
         super().init_agent_loop_manager()
         trainer = self.trainer
-        print(
-            f"erc-verl: trainer={type(trainer).__name__} trainer_mode={trainer.trainer_mode} "
-            f"replay_buffer={type(trainer.replay_buffer).__name__}",
-            flush=True,
-        )
+        write_run_identity(trainer.config, trainer=type(trainer).__name__, trainer_mode=trainer.trainer_mode,
+                           replay_buffer=type(trainer.replay_buffer).__name__)
 
 
 def _erc_task_runner_v0():
@@ -69,6 +72,8 @@ def _erc_task_runner_v0():
             if verl_globals.get("RayPPOTrainer") not in (RayPPOTrainer, ERCRayPPOTrainer):
                 raise RuntimeError("verl's legacy TaskRunner.run no longer builds RayPPOTrainer; update erc_verl/main_ppo.py.")
             verl_globals["RayPPOTrainer"] = ERCRayPPOTrainer
+            # verl builds it inside its run, with no hook after: the identity of the class bound here, written first
+            write_run_identity(config, trainer=ERCRayPPOTrainer.__name__, trainer_mode=None, replay_buffer=None)
             return super().run(config)
 
     return ERCTaskRunnerV0
