@@ -1,9 +1,12 @@
-"""One training run of a paper recipe on CPU: ``bash recipe/cpu_tiny.sh <recipe> <overrides>``, followed live.
+"""Training runs as subprocesses, followed live: the one launcher of ``erc-verl demo``, ``erc-verl sweep`` and the
+end-to-end tests (tests/e2e/e2e_harness.py).
 
-This is the user's own command (recipe -> ``erc_verl.main_ppo`` -> Ray -> FSDP engine workers -> vLLM-CPU
-rollout -> the registered loss), run as a subprocess in its own process group. verl's file logger writes one
-metrics row per step; this module tails that file for a progress callback and returns the rows. verl's console
-output goes to ``<workdir>/train.log``.
+``launch`` runs a command line (``bash recipe/cpu_tiny.sh <recipe>``, ``python -m erc_verl.main_ppo ...``) in its own
+process group with verl's file logger pointed at a metrics file, writes its console output to a log, tails the metrics
+(one row per step, for a progress callback), and on the way out kills what the run left: its process group and every
+process under it. It returns the rows, the return code, the wall time and the run identity ``erc_verl.main_ppo``
+wrote next to the metrics (erc_verl.seams.run_identity). ``run_recipe`` is the demo's and the sweep's use of it: one
+paper recipe scaled down to the tiny world (recipe/cpu_tiny.sh), a failure raised with the tail of its log.
 """
 
 from __future__ import annotations
@@ -17,17 +20,166 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-import erc_verl
+import psutil
 
-RECIPE_DIR = Path(erc_verl.__file__).resolve().parents[1] / "recipe"
+from erc_verl.seams.run_identity import identity_path, read_run_identity
+
+RECIPE_DIR = Path(str(files("erc_verl.recipe")))  # the top-level recipe/, installed as erc_verl.recipe (pyproject.toml)
 CPU_RECIPES = ("dapo", "dapo_erc", "gppo", "gppo_erc", "grpo")
 
 _live: set[subprocess.Popen] = set()  # runs in flight, from any thread
 _live_lock = threading.Lock()
 _stopping = False  # set by stop_all_runs: a run starting after it is killed at once
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A run that ended, by itself or killed by ``launch``."""
+
+    returncode: int
+    rows: list[dict]            # verl's metrics, one dict per logged step (``step`` included)
+    wall_s: float
+    identity: Optional[dict]    # what erc_verl.main_ppo built (erc_verl.seams.run_identity); None: it wrote none
+    log_path: str
+    killed: str = ""            # why launch killed it (timeout, kill_when, stopped); "" when it ended by itself
+
+    def log_tail(self, lines: int = 40) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+
+def launch(argv: Sequence[str], *, log_path: str, metrics_path: str, env: Optional[Mapping[str, str]] = None,
+           cwd: Optional[str] = None, on_step: Optional[Callable[[dict], None]] = None,
+           kill_when: Optional[Callable[[], bool]] = None, timeout_s: Optional[float] = None,
+           poll_s: float = 0.5) -> Finished:
+    """Run ``argv`` to its end in a process group of its own, verl's file logger writing to ``metrics_path``.
+
+    ``env`` goes on top of this process's environment (with ``PYTHON``, the interpreter the recipes start, set to
+    this one). Every ``poll_s``: new metric rows go to ``on_step``; the run is killed (SIGKILL, its group and every
+    process under it) once ``timeout_s`` has passed, once ``kill_when()`` is true (a preempted job) or when
+    ``stop_all_runs`` is called. The kill, if any, is noted at the end of the log and in ``Finished.killed``.
+    """
+    metrics_path = os.path.abspath(metrics_path)
+    for stale in (metrics_path, identity_path(metrics_path)):  # else a run that fails early shows an older run's
+        if os.path.exists(stale):
+            os.remove(stale)
+    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {}), "VERL_FILE_LOGGER_PATH": metrics_path}
+    rows: list[dict] = []
+    offset, killed = 0, ""
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(argv) + "\n")
+        log.flush()
+        start = time.monotonic()
+        # own process group: Ray, its workers and vLLM go down with the run on Ctrl-C or an error here
+        proc = subprocess.Popen(list(argv), cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        with _live_lock:
+            _live.add(proc)
+            if _stopping:
+                killed = "stopped: the command is shutting down"
+
+        def follow():
+            nonlocal offset
+            new, offset = _read_new_rows(metrics_path, offset)
+            for row in new:
+                rows.append(row)
+                if on_step is not None:
+                    on_step(row)
+
+        try:
+            while not killed and proc.poll() is None:
+                follow()
+                if timeout_s is not None and time.monotonic() - start > timeout_s:
+                    killed = f"timeout, {timeout_s:.0f} s"
+                elif kill_when is not None and kill_when():
+                    killed = "kill_when"
+                else:
+                    time.sleep(poll_s)
+        finally:
+            _kill_everything_under(proc)  # also what a finished run left behind in its group
+            with _live_lock:
+                _live.discard(proc)
+        wall_s = time.monotonic() - start
+        follow()  # the rows written last, up to the run's end or its kill
+    if killed:
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n[erc-verl launcher: killed (SIGKILL, process group) after {wall_s:.0f} s: {killed}]\n")
+    return Finished(returncode=proc.returncode, rows=rows, wall_s=wall_s, identity=read_run_identity(metrics_path),
+                    log_path=log_path, killed=killed)
+
+
+def _read_new_rows(path: str, offset: int) -> tuple[list[dict], int]:
+    """Complete lines appended since ``offset`` (a line still being written waits for the next call)."""
+    if not os.path.exists(path):
+        return [], offset
+    with open(path, encoding="utf-8") as f:
+        f.seek(offset)
+        chunk = f.read()
+    complete = chunk[: chunk.rfind("\n") + 1]
+    records = [json.loads(line) for line in complete.splitlines() if line.strip()]
+    rows = [{**record["data"], "step": record["step"]} for record in records]
+    return rows, offset + len(complete.encode("utf-8"))
+
+
+def _kill_everything_under(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's process group and, while it runs, every process under it: Ray puts its workers (FSDP ranks,
+    vLLM) in process groups of their own, so the group alone would leave them to die later, still holding memory."""
+    family = []
+    if proc.poll() is None:  # a finished run's pid may already belong to another process
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is gone already
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(family, timeout=30)
+
+
+def stop_all_runs() -> None:
+    """Kill every run in flight and any that starts from now on (Ctrl-C, a signal, or another run failed): their
+    process groups run detached from the terminal's, so they would otherwise go on training."""
+    global _stopping
+    with _live_lock:
+        _stopping = True
+        procs = list(_live)
+    for proc in procs:
+        _kill_everything_under(proc)
+
+
+@contextmanager
+def runs_stopped_on_exit():
+    """Within it, SIGTERM and SIGHUP (a job's timeout, a closed terminal) end the command as Ctrl-C does, and
+    leaving it on any exception kills every run; without this the detached runs would outlive the command."""
+    global _stopping
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    _stopping = False
+    try:
+        yield
+    except BaseException:
+        stop_all_runs()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- the demo's and the sweep's runs
 
 
 class RecipeRunError(RuntimeError):
@@ -37,7 +189,7 @@ class RecipeRunError(RuntimeError):
 @dataclass(frozen=True)
 class RecipeRun:
     recipe: str                      # one of CPU_RECIPES
-    workdir: str                     # train.log and metrics.jsonl go here
+    workdir: str                     # train.log, metrics.jsonl and metrics.identity.json go here
     tiny_dir: str                    # the tiny world (erc_verl.demo.tiny_world): model/, train/val parquet
     steps: int
     overrides: Sequence[str] = ()    # Hydra overrides appended to the recipe's
@@ -73,123 +225,18 @@ def training_overrides(*, prompts: int, n: int, updates: int, lr: float, seed: i
     ]
 
 
-def check_recipes_present() -> None:
-    """The recipes live in the source tree (recipe/), not in the installed package."""
-    if not (RECIPE_DIR / "cpu_tiny.sh").is_file():
-        raise SystemExit(
-            f"erc-verl: {RECIPE_DIR / 'cpu_tiny.sh'} not found; the demo runs the repository's recipes, so install "
-            "erc-verl from a source checkout (`pip install -e .` in the repository)."
-        )
-
-
-def _read_new_rows(path: str, offset: int) -> tuple[list[dict], int]:
-    """Complete lines appended since ``offset`` (a line still being written waits for the next call)."""
-    if not os.path.exists(path):
-        return [], offset
-    with open(path, encoding="utf-8") as f:
-        f.seek(offset)
-        chunk = f.read()
-    complete = chunk[: chunk.rfind("\n") + 1]
-    records = [json.loads(line) for line in complete.splitlines() if line.strip()]
-    rows = [{**record["data"], "step": record["step"]} for record in records]
-    return rows, offset + len(complete.encode("utf-8"))
-
-
-def run_recipe(run: RecipeRun, on_step: Optional[Callable[[dict], None]] = None, poll_s: float = 0.5) -> list[dict]:
-    """Run to completion; returns verl's metrics, one dict per training step (``step`` included)."""
-    check_recipes_present()
+def run_recipe(run: RecipeRun, on_step: Optional[Callable[[dict], None]] = None) -> Finished:
+    """Run to completion through ``launch``; a run that failed, was stopped, logged no step or wrote no run identity
+    raises."""
     os.makedirs(run.workdir, exist_ok=True)
-    if os.path.exists(run.metrics_path):
-        os.remove(run.metrics_path)  # else a run that fails before verl opens (and truncates) it shows old rows
-    env = {
-        **os.environ,
-        "TINY_DIR": run.tiny_dir,
-        "STEPS": str(run.steps),
-        "LOGGER": "['console','file']",
-        "VERL_FILE_LOGGER_PATH": os.path.abspath(run.metrics_path),
-        "PYTHON": sys.executable,
-        "EXPERIMENT_NAME": os.path.basename(os.path.normpath(run.workdir)),
-        **run.env,
-    }
-    rows, offset = [], 0
-    with open(run.log_path, "w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(run.command()) + "\n")
-        log.flush()
-        # own process group: Ray, its workers and vLLM go down with the run on Ctrl-C or an error here
-        proc = subprocess.Popen(run.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        with _live_lock:
-            _live.add(proc)
-            stopping = _stopping
-        try:
-            if stopping:
-                raise RecipeRunError(f"{run.recipe} in {run.workdir}: stopped, the command is shutting down")
-            while True:
-                done = proc.poll() is not None
-                new, offset = _read_new_rows(run.metrics_path, offset)
-                for row in new:
-                    rows.append(row)
-                    if on_step is not None:
-                        on_step(row)
-                if done:
-                    break
-                time.sleep(poll_s)
-        finally:
-            _kill(proc)  # also what a finished run left behind in its group
-            with _live_lock:
-                _live.discard(proc)
-    if proc.returncode != 0 or not rows:
-        with open(run.log_path, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-40:])
-        what = f"exited with code {proc.returncode}" if proc.returncode else "logged no metrics"
-        raise RecipeRunError(f"{run.recipe} in {run.workdir} {what}; last lines of {run.log_path}:\n{tail}")
-    return rows
-
-
-def trainer_identity(log_path: str) -> str:
-    """The line ``erc_verl.main_ppo`` prints once verl's trainer is built: which trainer class and mode ran."""
-    with open(log_path, encoding="utf-8", errors="replace") as f:
-        lines = [line.split("erc-verl: ", 1)[1].strip() for line in f if "erc-verl: trainer=" in line]
-    if len(lines) != 1:
-        raise RecipeRunError(f"expected one 'erc-verl: trainer=...' line in {log_path}, found {len(lines)}.")
-    return lines[0]
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's whole process group (bash, main_ppo, Ray, vLLM), alive or finished."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the group is gone already
-    proc.wait()
-
-
-def stop_all_runs() -> None:
-    """Kill every run in flight and any that starts from now on (Ctrl-C, a signal, or another run failed): their
-    process groups run detached from the terminal's, so they would otherwise go on training."""
-    global _stopping
-    with _live_lock:
-        _stopping = True
-        procs = list(_live)
-    for proc in procs:
-        _kill(proc)
-
-
-@contextmanager
-def runs_stopped_on_exit():
-    """Within it, SIGTERM and SIGHUP (a job's timeout, a closed terminal) end the command as Ctrl-C does, and
-    leaving it on any exception kills every run; without this the detached runs would outlive the command."""
-    global _stopping
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    _stopping = False
-    try:
-        yield
-    except BaseException:
-        stop_all_runs()
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    env = {"TINY_DIR": run.tiny_dir, "STEPS": str(run.steps), "LOGGER": "['console','file']",
+           "EXPERIMENT_NAME": os.path.basename(os.path.normpath(run.workdir)), **run.env}
+    finished = launch(run.command(), log_path=run.log_path, metrics_path=run.metrics_path, env=env, on_step=on_step)
+    what = (f"was killed ({finished.killed})" if finished.killed else
+            f"exited with code {finished.returncode}" if finished.returncode else
+            "logged no metrics" if not finished.rows else
+            f"wrote no {identity_path(run.metrics_path)}" if finished.identity is None else "")
+    if what:
+        raise RecipeRunError(f"{run.recipe} in {run.workdir} {what}; last lines of {run.log_path}:\n"
+                             f"{finished.log_tail()}")
+    return finished

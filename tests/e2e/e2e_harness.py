@@ -2,9 +2,11 @@
 
 Each run is the user's command (``python -m erc_verl.main_ppo ...``, ``bash recipe/cpu_tiny.sh ...`` or a job
 submitted with ``scripts/ray_cluster.sh submit``) with ``VERL_PLATFORM=cpu``: Ray, FSDP2 engine workers, vLLM's
-CPU build, TransferQueue, verl's file logger for the metrics. Nothing is mocked. Runs are module-scoped
-fixtures, one at a time (each takes a few GB), and their wall time and peak system memory go to
-``$ERC_E2E_REPORT`` when set. Below the harness: the command lines and the checks the e2e tests share.
+CPU build, TransferQueue, verl's file logger for the metrics. Nothing is mocked. The runs go through the library's
+launcher (erc_verl.demo.recipe_run.launch, as the demo's do); this harness adds what only tests need: a time
+limit, peak system memory, and ``$ERC_E2E_REPORT`` (each run's wall time and peak memory, when set). Runs are
+module-scoped fixtures, one at a time (each takes a few GB). Below the harness: the command lines and the checks the
+e2e tests share.
 """
 
 from __future__ import annotations
@@ -12,11 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +23,7 @@ from typing import Callable
 import psutil
 
 from erc_verl.algorithm.gate import ERC_EXTREME_METRICS, ERC_TOKEN_MEAN_METRICS
+from erc_verl.demo.recipe_run import launch
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 540
@@ -33,24 +33,20 @@ RUN_TIMEOUT_S = 540
 class Run:
     name: str
     returncode: int
-    output: str
+    output: str                                      # the run's console log, with the launcher's kill note if any
     steps: list[dict] = field(default_factory=list)  # verl's file logger: one metrics dict per step
     wall_s: float = 0.0
     peak_memory_gib: float = 0.0
+    run_identity: dict | None = None                 # erc_verl.main_ppo's identity file (erc_verl.seams.run_identity)
 
     def check_ok(self, returncode: int = 0) -> None:
         assert self.returncode == returncode, f"{self.name} exited {self.returncode}:\n{self.output[-6000:]}"
         assert self.steps, f"{self.name} logged no training step:\n{self.output[-3000:]}"
 
-    def identity(self, log_copies: int = 1) -> str:
-        """The line erc_verl.main_ppo prints once the trainer is built (trainer, mode, replay buffer).
-
-        ``log_copies``: raylets on this machine; each one's log monitor streams the same worker log to the driver."""
-        lines = [line.split("erc-verl: ", 1)[1].strip() for line in self.output.splitlines()
-                 if "erc-verl: trainer=" in line]
-        assert len(lines) == log_copies and len(set(lines)) == 1, (
-            f"{self.name}: expected one 'erc-verl: trainer=...' line (x{log_copies}), got {lines}")
-        return lines[0]
+    def identity(self) -> dict:
+        """What erc_verl.main_ppo built (trainer, use_v1, mode, replay buffer, ERC, loss mode), from its JSON file."""
+        assert self.run_identity is not None, f"{self.name} wrote no run identity:\n{self.output[-3000:]}"
+        return self.run_identity
 
 
 class _PeakMemory:
@@ -79,49 +75,18 @@ class _PeakMemory:
         return (self.peak - self.baseline) / 2**30
 
 
-def _kill_everything_under(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's process group and every process it started: Ray puts its workers (FSDP ranks, vLLM) in
-    process groups of their own, so the group alone would leave them to die later, still holding memory."""
-    family = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for child in family:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-    psutil.wait_procs(family, timeout=30)
-
-
 def run_training(name: str, argv: list[str], workdir: Path, env: dict | None = None,
                  kill_when: Callable[[], bool] | None = None) -> Run:
-    """Run ``argv`` to its end (or ``RUN_TIMEOUT_S``); with ``kill_when``, SIGKILL its process group and every
-    process under it (driver, Ray, workers, vLLM: a preempted job) as soon as ``kill_when()`` is true, checked every
-    0.2 s."""
-    metrics_file = workdir / f"{name}.metrics.jsonl"
-    log_file = workdir / f"{name}.log"
-    full_env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_FILE_LOGGER_PATH": str(metrics_file),
-                "PYTHON": sys.executable, **(env or {})}
-    start = time.monotonic()
-    note = ""
-    with _PeakMemory() as memory, open(log_file, "w") as log:
-        # own process group; on a timeout or kill_when, it and every process under it are killed
-        proc = subprocess.Popen(argv, cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        while proc.poll() is None:
-            if time.monotonic() - start > RUN_TIMEOUT_S:
-                note = f"\n[e2e harness: killed after {RUN_TIMEOUT_S} s]"
-            elif kill_when is not None and kill_when():
-                note = f"\n[e2e harness: killed (SIGKILL, process group) after {time.monotonic() - start:.0f} s]"
-            if note:
-                _kill_everything_under(proc)
-                break
-            time.sleep(0.2)
-    output = log_file.read_text(errors="replace") + note
-    run = Run(name=name, returncode=proc.returncode, output=output, wall_s=time.monotonic() - start,
-              peak_memory_gib=memory.gib)
-    if metrics_file.exists():
-        run.steps = [json.loads(line)["data"] for line in metrics_file.read_text().splitlines() if line.strip()]
+    """Run ``argv`` in ``workdir`` to its end (or ``RUN_TIMEOUT_S``); with ``kill_when``, SIGKILL its process group
+    and every process under it (driver, Ray, workers, vLLM: a preempted job) as soon as ``kill_when()`` is true,
+    checked every 0.2 s. Log: ``<name>.log``; metrics: ``<name>.metrics.jsonl``."""
+    with _PeakMemory() as memory:
+        finished = launch(argv, log_path=str(workdir / f"{name}.log"),
+                          metrics_path=str(workdir / f"{name}.metrics.jsonl"), cwd=str(workdir),
+                          env={"VERL_PLATFORM": "cpu", **(env or {})}, kill_when=kill_when, timeout_s=RUN_TIMEOUT_S,
+                          poll_s=0.2)
+    run = Run(name=name, returncode=finished.returncode, output=Path(finished.log_path).read_text(errors="replace"),
+              steps=finished.rows, wall_s=finished.wall_s, peak_memory_gib=memory.gib, run_identity=finished.identity)
     report = os.environ.get("ERC_E2E_REPORT")
     if report:
         with open(report, "a") as fp:

@@ -31,6 +31,11 @@ from ray_nodes import two_ray_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
+# erc_verl.main_ppo's run identity (erc_verl.seams.run_identity) of the V1 sync trainer, with and without ERC
+SYNC_VANILLA = {"trainer": "PPOTrainerSync", "use_v1": True, "trainer_mode": "sync", "replay_buffer": "ReplayBuffer",
+                "erc": False, "loss_mode": "vanilla"}
+SYNC_GRPO_ERC = {**SYNC_VANILLA, "trainer": "ERCPPOTrainerSync", "erc": True, "loss_mode": "grpo_erc"}
+
 PROMPTS = 16  # 2 steps of 8 prompts an epoch
 SAMPLES_PER_STEP = 8 * 4
 STEPS = 3
@@ -166,8 +171,8 @@ def test_two_ranks_killed_in_step_3_resume_across_the_epoch_boundary(vanilla_2ra
     for step in (1, 2):  # before the kill: the reference's prompts
         assert prompts(run_dir, step) == prompts(workdir / "vanilla_2ranks", step)
     check_resumed(resumed, run_dir, workdir / "vanilla_2ranks")
-    assert resumed.identity() == killed.identity() == "trainer=ERCPPOTrainerSync trainer_mode=sync replay_buffer=ReplayBuffer"
-    assert vanilla_2ranks.identity() == "trainer=PPOTrainerSync trainer_mode=sync replay_buffer=ReplayBuffer"
+    assert resumed.identity() == killed.identity() == SYNC_GRPO_ERC
+    assert vanilla_2ranks.identity() == SYNC_VANILLA
 
 
 # --------------------------------------------------------------------------- the other trainers, preempted
@@ -183,8 +188,9 @@ def test_colocate_async_erc_killed_and_resumed(world, workdir):
     # Which prompts make a step here depends on which rollouts finish first (verl's replay buffer takes whole groups
     # as they complete, across dataloader batches): no run, interrupted or not, repeats it prompt for prompt.
     check_resumed(resumed, workdir / "colocate_async", reference_dir=None)
-    assert resumed.identity() == killed.identity() == (
-        "trainer=ERCPPOTrainerColocateAsync trainer_mode=colocate_async replay_buffer=ReplayBufferAsync")
+    assert resumed.identity() == killed.identity() == {
+        **SYNC_GRPO_ERC, "trainer": "ERCPPOTrainerColocateAsync", "trainer_mode": "colocate_async",
+        "replay_buffer": "ReplayBufferAsync"}
 
 
 def test_legacy_trainer_erc_killed_and_resumed(world, workdir, vanilla_2ranks):
@@ -198,6 +204,8 @@ def test_legacy_trainer_erc_killed_and_resumed(world, workdir, vanilla_2ranks):
     check_erc_acted(killed)
     check_positive_nll(killed)
     check_resumed(resumed, workdir / "legacy_v0", workdir / "vanilla_2ranks")
+    assert resumed.identity() == killed.identity() == {
+        **SYNC_GRPO_ERC, "trainer": "ERCRayPPOTrainer", "use_v1": False, "trainer_mode": None, "replay_buffer": None}
     # Submitted again once finished: verl 0.9.1's V0 trained a 4th step here and saved it (erc_verl.seams.trainer)
     again = run_training("legacy_v0_finished", three_steps(world, workdir, "legacy_v0", *overrides), workdir)
     assert again.returncode == 0 and again.steps == [], again.output[-3000:]
@@ -222,7 +230,7 @@ def test_submitted_dapo_erc_job_runs_its_ranks_on_two_ray_nodes(tiny_world, work
         node_ids = {n["node_id"] for n in nodes.ray("nodes")}
     check_learning_signal(run)  # includes vLLM's probabilities matching the actor's after the cross-node weight sync
     check_erc_acted(run)
-    assert run.identity(log_copies=2) == "trainer=ERCPPOTrainerSync trainer_mode=sync replay_buffer=ReplayBuffer"
+    assert run.identity() == SYNC_GRPO_ERC  # written by the task runner, on its node
     assert "ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM=cpu" in run.output
     assert "ray_kwargs.ray_init.num_gpus" not in run.output  # joined the cluster: its raylets declare the GPUs
     for cls in ("WorkerDict", "vLLMHttpServer"):  # FSDP ranks, vLLM replicas

@@ -49,11 +49,10 @@ def test_grpo_erc_trains_and_gates(grpo_erc_run):
 
 def test_erc_runs_the_baselines_trainer_mode_and_replay_buffer(vanilla_run, grpo_erc_run):
     """ERC must differ from its baseline only by the ERC plumbing: same mode string, same replay buffer."""
-    base = dict(part.split("=", 1) for part in vanilla_run.identity().split())
-    erc = dict(part.split("=", 1) for part in grpo_erc_run.identity().split())
-    assert (erc["trainer_mode"], erc["replay_buffer"]) == (base["trainer_mode"], base["replay_buffer"]) == (
-        "sync", "ReplayBuffer")
-    assert erc["trainer"] == "ERC" + base["trainer"]
+    base = vanilla_run.identity()
+    assert base == {"trainer": "PPOTrainerSync", "use_v1": True, "trainer_mode": "sync",
+                    "replay_buffer": "ReplayBuffer", "erc": False, "loss_mode": "vanilla"}
+    assert grpo_erc_run.identity() == {**base, "trainer": "ERCPPOTrainerSync", "erc": True, "loss_mode": "grpo_erc"}
 
 
 def test_old_entropy_is_the_one_compute_log_prob_made(grpo_erc_run):
@@ -109,8 +108,10 @@ def test_dapo_recipe_baseline_matches_its_erc_arm(dapo_recipe_run, dapo_erc_reci
     check_learning_signal(dapo_recipe_run)
     check_no_erc(dapo_recipe_run)
     assert any("training/filter_groups/evicted_samples" in step for step in dapo_recipe_run.steps)
-    base, erc = dapo_recipe_run.identity().split(), dapo_erc_recipe_run.identity().split()
-    assert base[1:] == erc[1:]  # trainer_mode=..., replay_buffer=... identical
+    base, erc = dapo_recipe_run.identity(), dapo_erc_recipe_run.identity()
+    assert (base["erc"], erc["erc"]) == (False, True)
+    # the same use_v1, trainer mode and replay buffer
+    assert {**erc, "trainer": base["trainer"], "erc": False, "loss_mode": base["loss_mode"]} == base
 
 
 def test_separate_async_is_refused_on_the_driver_in_cpu_mode(tiny_world, workdir):
