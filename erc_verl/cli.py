@@ -8,18 +8,24 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Each command's flags come from its config dataclass (erc_verl.demo.commands); a value the config refuses is
+    reported by that command's parser: its usage, one line, exit 2."""
+    from erc_verl import __version__
     from erc_verl.demo import demo, sweep
+    from erc_verl.demo.commands import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="erc-verl", description="Entropy Ratio Clipping (ERC) for verl.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module, summary in (
-        ("demo", demo, "DAPO with and without ERC on verl's trainer, on CPU in minutes"),
-        ("sweep", sweep, "DAPO vs DAPO+ERC under growing off-policy drift, several seeds"),
+    for name, module, config_class, summary in (
+        ("demo", demo, demo.DemoConfig, "DAPO with and without ERC on verl's trainer, on CPU in minutes"),
+        ("sweep", sweep, sweep.SweepConfig, "DAPO vs DAPO+ERC under growing off-policy drift, several seeds"),
     ):
         command = sub.add_parser(name, help=summary, description=module.__doc__.split("\n\n")[0])
-        module.build_parser(command)
-        command.set_defaults(handler=lambda args, module=module: module.run(module.settings_from_args(args)))
+        add_config_arguments(command, config_class)
+        command.set_defaults(handler=lambda args, module=module, command=command, config_class=config_class:
+                             module.run(config_from_args(command, config_class, args)))
     return parser
 
 

@@ -17,17 +17,18 @@ against the paper's claims at LLM scale (``erc-verl sweep`` measures this toy's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-from erc_verl.demo.recipe_run import CPU_RECIPES
+from erc_verl.demo.commands import (ERC_ARMS, check_arm, check_arms, check_erc_band, check_group_size, check_out_dir,
+                                    check_positive, comma_list, erc_bound, erc_env)
+from erc_verl.demo.recipe_run import CPU_RECIPES, Finished
 
 # --quick is the smoke-test size (CI runs it), the default the one the README reports. Where their time goes (mostly
 # a dozen processes per arm each importing torch/verl/vLLM, not the steps): docs/performance.md, "The demo's own time".
@@ -35,107 +36,67 @@ PRESETS = {
     "quick": dict(steps=5, prompts=8, n=8, minibatches=4, eval_every=5),
     "default": dict(steps=30, prompts=16, n=8, minibatches=8, eval_every=10),
 }
-ERC_ARMS = ("dapo_erc", "gppo_erc")
+SIZE = "size (defaults come from the preset)"
 
 
-def add_erc_band(group) -> None:
-    """--erc-low / --erc-high, handed to the ERC recipes as ENTROPY_MASK_LOW / _HIGH (see erc_env)."""
-    for flag, key, paper in (("--erc-low", "entropy_mask_low", 0.95), ("--erc-high", "entropy_mask_high", 1.05)):
-        group.add_argument(flag, type=float, default=paper, help=f"{key} (paper: {paper})")
-
-
-def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="erc-verl demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="./erc_demo", help="output directory (created; its files are overwritten)")
-    p.add_argument("--arms", default="dapo,dapo_erc",
-                   help=f"comma-separated recipes to train, from: {', '.join(CPU_RECIPES)} (default: dapo,dapo_erc)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the warm-up, the data order and vLLM sampling")
-    p.add_argument("--quick", action="store_true", help="small preset (5 steps) for smoke tests and CI")
-    size = p.add_argument_group("size (defaults come from the preset)")
-    size.add_argument("--steps", type=int, help="RL steps per arm")
-    size.add_argument("--prompts", type=int, help="prompts per rollout batch (data.train_batch_size)")
-    size.add_argument("--n", type=int, help="samples per prompt (actor_rollout_ref.rollout.n)")
-    size.add_argument("--minibatches", type=int,
-                      help="optimizer steps per rollout batch: off-policy updates (prompts / ppo_mini_batch_size)")
-    size.add_argument("--eval-every", type=int, help="validate every N steps (and before RL)")
-    size.add_argument("--val-n", type=int, default=8, help="validation samples per problem (accuracy is their mean)")
-    algo = p.add_argument_group("algorithm")
-    algo.add_argument("--lr", type=float, default=1e-4, help="actor learning rate (recipe/cpu_tiny.sh's 1e-4)")
-    add_erc_band(algo)
-    world = p.add_argument_group("tiny world")
-    world.add_argument("--warmup-steps", type=int, default=150, help="supervised warm-up steps before RL")
-    world.add_argument("--tokens-per-step", type=int, default=256, help="diagnostic tokens sampled per loss call")
-    p.add_argument("--jobs", type=int, default=2, help="arms trained at once (each ~6 GB of memory)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+def _preset(name: str) -> str:
+    return f" (default: {PRESETS['default'][name]}; with --quick: {PRESETS['quick'][name]})"
 
 
 @dataclass(frozen=True)
-class DemoSettings:
-    out: str
-    arms: tuple[str, ...]
-    seed: int
-    steps: int
-    prompts: int
-    n: int
-    minibatches: int
-    eval_every: int
-    val_n: int
-    lr: float
-    erc_low: float
-    erc_high: float
-    warmup_steps: int
-    tokens_per_step: int
-    jobs: int
-    progress: bool
+class DemoConfig:
+    """``erc-verl demo``'s options, one field per flag (``eval_every`` is ``--eval-every``); the size fields left
+    None are filled in from the preset (``quick`` or the default)."""
+
+    out: str = field(default="./erc_demo", metadata={"help": "output directory (created; its files are overwritten)"})
+    arms: tuple[str, ...] = field(default=("dapo", "dapo_erc"), metadata={
+        "help": f"comma-separated recipes to train, from: {', '.join(CPU_RECIPES)}", "parse": comma_list,
+        "metavar": "RECIPES"})
+    seed: int = field(default=0, metadata={"help": "seed of the warm-up, the data order and vLLM sampling"})
+    quick: bool = field(default=False, metadata={
+        "help": f"small preset ({PRESETS['quick']['steps']} steps) for smoke tests and CI"})
+    steps: Optional[int] = field(default=None, metadata={"help": "RL steps per arm" + _preset("steps"), "group": SIZE})
+    prompts: Optional[int] = field(default=None, metadata={
+        "help": "prompts per rollout batch (data.train_batch_size)" + _preset("prompts"), "group": SIZE})
+    n: Optional[int] = field(default=None, metadata={
+        "help": "samples per prompt (actor_rollout_ref.rollout.n)" + _preset("n"), "group": SIZE})
+    minibatches: Optional[int] = field(default=None, metadata={
+        "help": "optimizer steps per rollout batch: off-policy updates (prompts / ppo_mini_batch_size)"
+                + _preset("minibatches"), "group": SIZE})
+    eval_every: Optional[int] = field(default=None, metadata={
+        "help": "validate every N steps (and before RL)" + _preset("eval_every"), "group": SIZE})
+    val_n: int = field(default=8, metadata={"help": "validation samples per problem (accuracy is their mean)",
+                                            "group": SIZE})
+    lr: float = field(default=1e-4, metadata={"help": "actor learning rate (the default is recipe/cpu_tiny.sh's)",
+                                              "group": "algorithm"})
+    erc_low: float = erc_bound("low", group="algorithm")
+    erc_high: float = erc_bound("high", group="algorithm")
+    warmup_steps: int = field(default=150, metadata={"help": "supervised warm-up steps before RL",
+                                                     "group": "tiny world"})
+    tokens_per_step: int = field(default=256, metadata={"help": "diagnostic tokens sampled per loss call",
+                                                        "group": "tiny world"})
+    jobs: int = field(default=2, metadata={"help": "arms trained at once (each ~6 GB of memory)"})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
+
+    def __post_init__(self):
+        """The one check of the options, before anything starts: a refusal names the flag and the fix."""
+        for name, value in PRESETS["quick" if self.quick else "default"].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        check_arms(self.arms, minimum=1)
+        check_positive(self, "steps", "prompts", "n", "minibatches", "eval_every", "val_n", "lr", "tokens_per_step",
+                       "jobs")
+        check_group_size(self.n)
+        if self.prompts % self.minibatches:
+            raise ValueError(f"--prompts ({self.prompts}) must be a multiple of --minibatches ({self.minibatches}); "
+                             "mini-batches hold whole prompt groups.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}.")
+        check_erc_band(self.erc_low, self.erc_high)
+        check_out_dir(self.out)
 
 
-def _fail(message: str):
-    raise SystemExit(f"erc-verl demo: {message}")
-
-
-def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    """Validate flags before anything starts; errors name the flag and the fix."""
-    preset = PRESETS["quick" if args.quick else "default"]
-    size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
-    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    unknown = [a for a in arms if a not in CPU_RECIPES]
-    if not arms or unknown:
-        _fail(f"unknown arm(s) {unknown or arms!r} in --arms; choose from {', '.join(CPU_RECIPES)}.")
-    if len(set(arms)) != len(arms):
-        _fail(f"--arms lists an arm twice: {args.arms!r}.")
-    for flag in ("steps", "prompts", "n", "minibatches", "eval_every"):
-        if size[flag] <= 0:
-            _fail(f"--{flag.replace('_', '-')} must be positive, got {size[flag]}.")
-    if size["n"] < 2:
-        _fail("--n must be >= 2: GRPO advantages compare samples of the same prompt.")
-    if size["prompts"] % size["minibatches"]:
-        _fail(f"--prompts ({size['prompts']}) must be a multiple of --minibatches ({size['minibatches']}); "
-              "mini-batches hold whole prompt groups.")
-    if not 0 <= args.erc_low < args.erc_high:
-        _fail(f"need 0 <= --erc-low < --erc-high, got {args.erc_low} and {args.erc_high}.")
-    if min(args.lr, args.tokens_per_step, args.val_n, args.jobs) <= 0 or args.warmup_steps < 0:
-        _fail("--lr, --tokens-per-step, --val-n and --jobs must be positive and --warmup-steps >= 0.")
-    check_out_dir(args.out, "demo")
-    return DemoSettings(out=args.out, arms=arms, seed=args.seed, **size, val_n=args.val_n, lr=args.lr,
-                        erc_low=args.erc_low, erc_high=args.erc_high, warmup_steps=args.warmup_steps,
-                        tokens_per_step=args.tokens_per_step, jobs=args.jobs, progress=not args.no_progress)
-
-
-def check_out_dir(out: str, command: str) -> None:
-    """--out must be, or become, a writable directory: refused now, in one line, not minutes into the run."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"erc-verl {command}: --out {out} is a file, not a directory; choose another --out.")
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise SystemExit(f"erc-verl {command}: --out {out} cannot be created: {existing} is a file.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"erc-verl {command}: --out {out}: {existing} is not writable; choose another --out.")
-
-
-def arm_overrides(arm: str, s: DemoSettings, diagnostics_dir: Optional[str]) -> list[str]:
+def arm_overrides(arm: str, s: DemoConfig, diagnostics_dir: Optional[str]) -> list[str]:
     """Hydra overrides on top of recipe/cpu_tiny.sh: sizes, learning rate, seeds, validation, diagnostics."""
     from erc_verl.demo.recipe_run import training_overrides
 
@@ -146,11 +107,6 @@ def arm_overrides(arm: str, s: DemoSettings, diagnostics_dir: Optional[str]) -> 
                       f"actor_rollout_ref.actor.erc_diagnostics.tokens_per_step={s.tokens_per_step}",
                       f"actor_rollout_ref.actor.erc_diagnostics.seed={s.seed}"]
     return overrides
-
-
-def erc_env(erc_low: float, erc_high: float) -> dict[str, str]:
-    """The ERC recipes read their band from these variables (recipe/dapo_erc.sh, recipe/gppo_erc.sh)."""
-    return {"ENTROPY_MASK_LOW": repr(erc_low), "ENTROPY_MASK_HIGH": repr(erc_high)}
 
 
 class Progress:
@@ -197,8 +153,8 @@ class Progress:
         self.bar.close()
 
 
-def train_arm(arm: str, s: DemoSettings, progress: Progress) -> tuple[list[dict], float]:
-    """One arm through recipe/cpu_tiny.sh; returns verl's metric rows and the wall time."""
+def train_arm(arm: str, s: DemoConfig, progress: Progress) -> Finished:
+    """One arm through recipe/cpu_tiny.sh; returns the finished run: verl's metric rows, wall time, run identity."""
     from erc_verl.demo.recipe_run import RecipeRun, run_recipe
 
     arm_dir = os.path.join(s.out, arm)
@@ -208,23 +164,20 @@ def train_arm(arm: str, s: DemoSettings, progress: Progress) -> tuple[list[dict]
     spec = RecipeRun(recipe=arm, workdir=arm_dir, tiny_dir=os.path.join(s.out, "tiny"), steps=s.steps,
                      overrides=arm_overrides(arm, s, diagnostics_dir), env=erc_env(s.erc_low, s.erc_high))
     progress.start(arm)
-    t0 = time.perf_counter()
-    rows = run_recipe(spec, on_step=lambda row: progress.step(arm, row))
-    seconds = time.perf_counter() - t0
-    progress.finish(arm, seconds)
-    return rows, seconds
+    finished = run_recipe(spec, on_step=lambda row: progress.step(arm, row))
+    progress.finish(arm, finished.wall_s)
+    return finished
 
 
-def run(s: DemoSettings) -> dict:
+def run(s: DemoConfig) -> dict:
     """The whole demo; returns paths and timings (also written to run.json)."""
     import pandas as pd
 
     from erc_verl.demo.metrics import SUMMARY_LEGEND, run_summary
     from erc_verl.demo.plots import make_diagnostics_figures, plot_training_curves
-    from erc_verl.demo.recipe_run import check_recipes_present, runs_stopped_on_exit
+    from erc_verl.demo.recipe_run import runs_stopped_on_exit
     from erc_verl.demo.tiny_world import write_tiny_world
 
-    check_recipes_present()
     t_start = time.perf_counter()
     os.makedirs(s.out, exist_ok=True)
     print(f"erc-verl demo: warming up a tiny Qwen2 ({s.warmup_steps} supervised steps) ...", flush=True)
@@ -235,7 +188,7 @@ def run(s: DemoSettings) -> dict:
           f"{s.out}/<arm>/train.log)",
           flush=True)
 
-    progress = Progress(s.arms, s.steps, enabled=s.progress)
+    progress = Progress(s.arms, s.steps, enabled=not s.no_progress)
     try:
         # exits in reverse: a failure or signal kills every run before the pool waits for its threads
         with ThreadPoolExecutor(max_workers=s.jobs) as pool, runs_stopped_on_exit():
@@ -244,11 +197,14 @@ def run(s: DemoSettings) -> dict:
         results = {arm: results[arm] for arm in s.arms}
     finally:
         progress.close()
-    rows_by_arm = {arm: rows for arm, (rows, _) in results.items()}
-    seconds = {arm: round(wall, 1) for arm, (_, wall) in results.items()}
-    trainers = {arm: check_arm(arm, rows_by_arm[arm], s.steps, os.path.join(s.out, arm)) for arm in s.arms}
-    modes = {arm: line.split(" ", 1)[1] for arm, line in trainers.items()}  # all but the trainer class
-    if len(set(modes.values())) > 1:
+    rows_by_arm = {arm: finished.rows for arm, finished in results.items()}
+    seconds = {arm: round(finished.wall_s, 1) for arm, finished in results.items()}
+    for arm in s.arms:
+        check_arm(arm, rows_by_arm[arm], s.steps, os.path.join(s.out, arm))
+    trainers = {arm: finished.identity for arm, finished in results.items()}  # erc_verl.seams.run_identity
+    modes = {arm: {k: trainer[k] for k in ("use_v1", "trainer_mode", "replay_buffer")}
+             for arm, trainer in trainers.items()}
+    if any(mode != modes[s.arms[0]] for mode in modes.values()):
         raise SystemExit(f"erc-verl demo: the arms ran different trainer modes: {modes}; compare like with like.")
     t_rl = time.perf_counter()
 
@@ -291,22 +247,6 @@ def run(s: DemoSettings) -> dict:
     return info
 
 
-def check_arm(arm: str, rows: list[dict], steps: int, run_dir: str) -> str:
-    """Every step logged, ERC's metrics present exactly in ERC arms; returns the trainer line verl's run printed."""
-    from erc_verl.demo.metrics import ERC_CLIPFRAC, REWARD
-    from erc_verl.demo.recipe_run import trainer_identity
-
-    logged = sum(REWARD in row for row in rows)
-    if logged != steps:
-        raise SystemExit(f"erc-verl: {arm} logged {logged} training steps, expected {steps}; "
-                         f"see {run_dir}/train.log.")
-    logged_erc = any(ERC_CLIPFRAC in row for row in rows)
-    if logged_erc != (arm in ERC_ARMS):
-        raise SystemExit(f"erc-verl: {arm} {'logged' if logged_erc else 'did not log'} {ERC_CLIPFRAC}: the "
-                         f"{'ERC' if arm in ERC_ARMS else 'baseline'} loss did not run as its recipe says.")
-    return trainer_identity(os.path.join(run_dir, "train.log"))
-
-
 def _clear_token_files(directory: str):
     """Token files of an earlier demo in the same --out would be mixed into the figures."""
     from erc_verl.seams.diagnostics import FILE_PREFIX, FILE_SUFFIX
@@ -315,13 +255,3 @@ def _clear_token_files(directory: str):
         for name in os.listdir(directory):
             if name.startswith(FILE_PREFIX) and name.endswith(FILE_SUFFIX):
                 os.remove(os.path.join(directory, name))
-
-
-def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
-    args = build_parser(parser).parse_args(argv)
-    run(settings_from_args(args))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

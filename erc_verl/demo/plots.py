@@ -1,7 +1,8 @@
 """Figures for ERC runs: training curves (paper figure 2) and token-level diagnostics (figures 1a, 3, 4,
 and the clip-fraction comparison of section 5), drawn from the files :mod:`erc_verl.seams.diagnostics` writes.
 
-Everything renders with matplotlib's Agg backend (no display). Scatter plots draw at most
+Figures are built with matplotlib's object API (``Figure``, ``fig.subplots``, ``fig.savefig``): no pyplot state
+and no backend switch, so importing this module leaves a notebook's backend alone. Scatter plots draw at most
 ``max_points`` tokens per panel, chosen at random with a fixed seed, so large runs stay readable.
 """
 
@@ -13,16 +14,13 @@ import logging
 import os
 from typing import Mapping, Optional, Sequence
 
-import matplotlib
+import matplotlib.ticker
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from erc_verl.demo import metrics  # noqa: E402
-from erc_verl.seams.diagnostics import FILE_PREFIX, FILE_SUFFIX  # noqa: E402
+from erc_verl.demo import metrics
+from erc_verl.seams.diagnostics import FILE_PREFIX, FILE_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +62,10 @@ def _subsample(df: pd.DataFrame, max_points: int, seed: int) -> pd.DataFrame:
     return df if len(df) <= max_points else df.sample(n=max_points, random_state=seed)
 
 
-def _panels(count: int, width: float = 5.0, height: float = 4.2):
-    fig, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False)
-    return fig, axes[0]
+def panels(count: int, width: float = 5.0, height: float = 4.2):
+    """A figure with ``count`` panels side by side, and their axes."""
+    fig = Figure(figsize=(width * count, height))
+    return fig, fig.subplots(1, count, squeeze=False)[0]
 
 
 RATIO_TICKS = (0.01, 0.1, 0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 5.0, 10.0, 100.0)
@@ -85,25 +84,25 @@ def _ratio_axis(ax, erc_low: Optional[float], erc_high: Optional[float]):
     ax.set_ylabel("entropy ratio  H(π_θ) / H(π_old)")
 
 
-def _save(fig, path: str) -> str:
+def save(fig: Figure, path: str) -> str:
+    """Lay out and write ``fig`` (the file's extension picks the format); returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_prob_vs_entropy_ratio(frames: Mapping[str, pd.DataFrame], path: str, erc_low=None, erc_high=None,
                                max_points: int = 20_000, seed: int = 0) -> str:
     """Figure 1a: sampled-token probability vs entropy ratio; dashed lines mark the ERC band."""
-    fig, axes = _panels(len(frames))
+    fig, axes = panels(len(frames))
     for ax, (label, df) in zip(axes, frames.items()):
         d = _subsample(df, max_points, seed)
         ax.scatter(d["prob"], d["entropy_ratio"].clip(lower=RATIO_FLOOR), s=3, alpha=0.35, color=KEPT, lw=0)
         _ratio_axis(ax, erc_low, erc_high)
         ax.set_xlabel("sampled-token probability π_θ(y_t)")
         ax.set_title(f"{label}: probability vs entropy ratio (n={len(df)})")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_clipping_regions(frames: Mapping[str, pd.DataFrame], path: str, clip_low: float = 0.2,
@@ -115,7 +114,8 @@ def plot_clipping_regions(frames: Mapping[str, pd.DataFrame], path: str, clip_lo
     ``(1-eps_low) pi_old .. (1+eps_high) pi_old``, to show where ERC acts relative to PPO-clip.
     Bottom row: probability vs entropy ratio, the band the gate actually tests.
     """
-    fig, axes = plt.subplots(2, len(frames), figsize=(5.0 * len(frames), 8.4), squeeze=False)
+    fig = Figure(figsize=(5.0 * len(frames), 8.4))
+    axes = fig.subplots(2, len(frames), squeeze=False)
     groups = (("kept", KEPT, lambda d: d["erc_direction"] == ""),
               ("ERC clipped: above", UPPER, lambda d: d["erc_direction"] == "upper"),
               ("ERC clipped: below", LOWER, lambda d: d["erc_direction"] == "lower"))
@@ -137,13 +137,13 @@ def plot_clipping_regions(frames: Mapping[str, pd.DataFrame], path: str, clip_lo
         top.legend(loc="upper left", fontsize=8, markerscale=3)
         _ratio_axis(bottom, erc_low, erc_high)
         bottom.set_xlabel("sampled-token probability π_θ(y_t)")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_prob_vs_entropy(frames: Mapping[str, pd.DataFrame], path: str, max_points: int = 20_000,
                          seed: int = 0) -> str:
     """Figure 4: sampled-token probability vs the entropy of its distribution, ERC-clipped vs kept."""
-    fig, axes = _panels(len(frames))
+    fig, axes = panels(len(frames))
     for ax, (label, df) in zip(axes, frames.items()):
         d = _subsample(df, max_points, seed)
         kept, clipped = d[~d["erc_clipped"]], d[d["erc_clipped"]]
@@ -155,7 +155,7 @@ def plot_prob_vs_entropy(frames: Mapping[str, pd.DataFrame], path: str, max_poin
         ax.set_ylabel("entropy H(π_θ, t)")
         ax.set_title(f"{label}: probability vs entropy")
         ax.legend(loc="upper right", fontsize=8, markerscale=3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def clip_fractions(df: pd.DataFrame) -> dict[str, float]:
@@ -173,7 +173,8 @@ def clip_fractions(df: pd.DataFrame) -> dict[str, float]:
 def plot_clip_fractions(frames: Mapping[str, pd.DataFrame], path: str) -> str:
     """Section 5: how many tokens each mechanism clips, alone and together, per run."""
     table = pd.DataFrame({label: clip_fractions(df) for label, df in frames.items()})
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(frames) + 3.5), 4.2))
+    fig = Figure(figsize=(max(5.0, 1.6 * len(frames) + 3.5), 4.2))
+    ax = fig.subplots()
     width = 0.8 / max(len(frames), 1)
     x = np.arange(len(table.index))
     for i, label in enumerate(table.columns):
@@ -184,7 +185,7 @@ def plot_clip_fractions(frames: Mapping[str, pd.DataFrame], path: str) -> str:
     ax.set_ylabel("share of sampled response tokens")
     ax.set_title("Tokens clipped by PPO-clip vs ERC")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def make_diagnostics_figures(directories: Sequence[str], labels: Optional[Sequence[str]], out_dir: str,
@@ -219,7 +220,8 @@ CURVES = (
 
 def plot_training_curves(rows_by_arm: Mapping[str, Sequence[Mapping]], path: str, title: str = "") -> str:
     """Figure 2-style curves per arm from verl's logged metrics (one row per step, as its file logger writes)."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    fig = Figure(figsize=(15, 7.5))
+    axes = fig.subplots(2, 3)
     for index, (arm, rows) in enumerate(rows_by_arm.items()):
         color = f"C{index}"  # one colour per arm in every panel, also where only ERC arms have a curve
         for ax, (key, name) in zip(axes.flat, CURVES):
@@ -237,4 +239,4 @@ def plot_training_curves(rows_by_arm: Mapping[str, Sequence[Mapping]], path: str
     axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)

@@ -18,14 +18,15 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import numpy as np
 
-ARMS = ("dapo", "dapo_erc")
+from erc_verl.demo.commands import (check_arm, check_arms, check_erc_band, check_group_size, check_out_dir,
+                                    check_positive, comma_list, erc_bound, erc_env)
+
 REPORTED = (  # run_summary key, label
     ("entropy_fluct", "entropy fluctuation"),
     ("grad_norm_fluct", "grad-norm fluctuation"),
@@ -35,93 +36,71 @@ REPORTED = (  # run_summary key, label
 )
 
 
-@dataclass(frozen=True)
-class SweepSettings:
-    out: str
-    seeds: int
-    cells: tuple[tuple[int, float], ...]  # (optimizer steps per rollout batch, learning rate)
-    arms: tuple[str, ...]
-    steps: int
-    prompts: int
-    n: int
-    erc_low: float
-    erc_high: float
-    warmup_steps: int
-    val_prompts: int
-    val_n: int
-    jobs: int
-
-
 def parse_cells(text: str) -> tuple[tuple[int, float], ...]:
-    """``2@1e-4,8@1e-4`` -> ((2, 1e-4), (8, 1e-4))."""
+    """``2@1e-4,8@1e-4`` -> ((2, 1e-4), (8, 1e-4)); what the cells must be is SweepConfig's check."""
     cells = []
-    for item in (c.strip() for c in text.split(",") if c.strip()):
+    for item in comma_list(text):
         try:
             updates, lr = item.split("@")
-            cell = (int(updates), float(lr))
+            cells.append((int(updates), float(lr)))
         except ValueError:
-            raise SystemExit(f"erc-verl sweep: --cells takes UPDATES@LR items like 8@1e-4, got {item!r}.") from None
-        if cell[0] <= 0 or cell[1] <= 0:
-            raise SystemExit(f"erc-verl sweep: --cells needs positive updates and learning rates, got {item!r}.")
-        cells.append(cell)
-    if not cells or len(set(cells)) != len(cells):
-        raise SystemExit(f"erc-verl sweep: --cells needs one or more distinct UPDATES@LR items, got {text!r}.")
+            raise argparse.ArgumentTypeError(f"expected UPDATES@LR items like 8@1e-4, got {item!r}") from None
     return tuple(cells)
 
 
-def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    from erc_verl.demo.demo import add_erc_band
-
-    p = parser or argparse.ArgumentParser(prog="erc-verl sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="./erc_sweep", help="output directory; finished runs there are kept and skipped")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per cell (0..N-1)")
-    p.add_argument("--cells", default="2@1e-4,8@1e-4,8@4e-4",
-                   help="UPDATES@LR per cell: optimizer steps per rollout batch and actor learning rate "
-                        "(default: a ladder of growing drift, 2@1e-4,8@1e-4,8@4e-4)")
-    p.add_argument("--arms", default="dapo,dapo_erc", help="recipes to compare (default: dapo,dapo_erc)")
-    add_erc_band(p)
-    p.add_argument("--jobs", type=int, default=2,
-                   help="runs at once (each ~6 GB; 2 on 2 cores finish ~1.4x sooner than one after another)")
-    run = p.add_argument_group("each run")
-    run.add_argument("--steps", type=int, default=10, help="RL steps per run")
-    run.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch; a multiple of every cell's UPDATES")
-    run.add_argument("--n", type=int, default=8, help="samples per prompt")
-    world = p.add_argument_group("each seed's tiny world")
-    world.add_argument("--warmup-steps", type=int, default=150, help="supervised warm-up steps of the seed's model")
-    world.add_argument("--val-prompts", type=int, default=128, help="validation problems")
-    world.add_argument("--val-n", type=int, default=8, help="validation samples per problem (accuracy is their mean)")
-    return p
+def _show_cells(cells: tuple[tuple[int, float], ...]) -> str:
+    return ",".join(f"{updates}@{lr:g}" for updates, lr in cells)
 
 
-def settings_from_args(args: argparse.Namespace) -> SweepSettings:
-    from erc_verl.demo.demo import check_out_dir
-    from erc_verl.demo.recipe_run import CPU_RECIPES
+@dataclass(frozen=True)
+class SweepConfig:
+    """``erc-verl sweep``'s options, one field per flag (``val_prompts`` is ``--val-prompts``)."""
 
-    cells = parse_cells(args.cells)
-    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    if len(arms) < 2 or len(set(arms)) != len(arms) or any(a not in CPU_RECIPES for a in arms):
-        raise SystemExit(f"erc-verl sweep: --arms needs two or more distinct recipes from {', '.join(CPU_RECIPES)}, "
-                         f"got {args.arms!r}.")
-    if args.seeds < 2:
-        raise SystemExit("erc-verl sweep: --seeds must be >= 2 (an interval needs a spread); the README's sweep uses 5.")
-    for flag in ("steps", "prompts", "val_prompts", "val_n", "jobs"):
-        if getattr(args, flag) <= 0:
-            raise SystemExit(f"erc-verl sweep: --{flag.replace('_', '-')} must be positive.")
-    if args.steps < 3:
-        raise SystemExit("erc-verl sweep: --steps must be >= 3 (fluctuation is the std of step-to-step changes).")
-    if args.n < 2:
-        raise SystemExit("erc-verl sweep: --n must be >= 2: GRPO advantages compare samples of the same prompt.")
-    bad = [u for u, _ in cells if args.prompts % u]
-    if bad:
-        raise SystemExit(f"erc-verl sweep: --prompts ({args.prompts}) must be a multiple of every cell's updates; "
-                         f"not of {bad}.")
-    if not 0 <= args.erc_low < args.erc_high:
-        raise SystemExit(f"erc-verl sweep: need 0 <= --erc-low < --erc-high, got {args.erc_low}, {args.erc_high}.")
-    check_out_dir(args.out, "sweep")
-    return SweepSettings(out=args.out, seeds=args.seeds, cells=cells, arms=arms, steps=args.steps,
-                         prompts=args.prompts, n=args.n, erc_low=args.erc_low, erc_high=args.erc_high,
-                         warmup_steps=args.warmup_steps, val_prompts=args.val_prompts, val_n=args.val_n,
-                         jobs=args.jobs)
+    out: str = field(default="./erc_sweep", metadata={
+        "help": "output directory; finished runs there are kept and skipped"})
+    seeds: int = field(default=5, metadata={"help": "seeds per cell (0..N-1)"})
+    cells: tuple[tuple[int, float], ...] = field(default=((2, 1e-4), (8, 1e-4), (8, 4e-4)), metadata={
+        "help": "UPDATES@LR per cell: optimizer steps per rollout batch and actor learning rate (the default is a "
+                "ladder of growing drift)", "parse": parse_cells, "show": _show_cells,
+        "metavar": "UPDATES@LR,..."})
+    arms: tuple[str, ...] = field(default=("dapo", "dapo_erc"), metadata={
+        "help": "comma-separated recipes to compare; the paired difference is the last minus the first",
+        "parse": comma_list, "metavar": "RECIPES"})
+    erc_low: float = erc_bound("low")
+    erc_high: float = erc_bound("high")
+    jobs: int = field(default=2, metadata={
+        "help": "runs at once (each ~6 GB; 2 on 2 cores finish ~1.4x sooner than one after another)"})
+    steps: int = field(default=10, metadata={"help": "RL steps per run", "group": "each run"})
+    prompts: int = field(default=8, metadata={
+        "help": "prompts per rollout batch; a multiple of every cell's UPDATES", "group": "each run"})
+    n: int = field(default=8, metadata={"help": "samples per prompt", "group": "each run"})
+    warmup_steps: int = field(default=150, metadata={"help": "supervised warm-up steps of the seed's model",
+                                                     "group": "each seed's tiny world"})
+    val_prompts: int = field(default=128, metadata={"help": "validation problems", "group": "each seed's tiny world"})
+    val_n: int = field(default=8, metadata={"help": "validation samples per problem (accuracy is their mean)",
+                                            "group": "each seed's tiny world"})
+
+    def __post_init__(self):
+        """The one check of the options, before anything starts: a refusal names the flag and the fix."""
+        if not self.cells or len(set(self.cells)) != len(self.cells):
+            raise ValueError(f"--cells needs one or more distinct UPDATES@LR items, got {_show_cells(self.cells)!r}.")
+        if any(updates <= 0 or lr <= 0 for updates, lr in self.cells):
+            raise ValueError(f"--cells needs positive updates and learning rates, got {_show_cells(self.cells)!r}.")
+        check_arms(self.arms, minimum=2)
+        if self.seeds < 2:
+            raise ValueError(f"--seeds must be >= 2, got {self.seeds}: an interval needs a spread "
+                             "(the README's sweep uses 5).")
+        check_positive(self, "prompts", "val_prompts", "val_n", "jobs")
+        if self.steps < 3:
+            raise ValueError(f"--steps must be >= 3, got {self.steps}: fluctuation is the std of step-to-step changes.")
+        check_group_size(self.n)
+        bad = [updates for updates, _ in self.cells if self.prompts % updates]
+        if bad:
+            raise ValueError(f"--prompts ({self.prompts}) must be a multiple of every cell's updates; not of {bad}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}.")
+        check_erc_band(self.erc_low, self.erc_high)
+        check_out_dir(self.out)
 
 
 def run_key(updates: int, lr: float, seed: int, arm: str) -> str:
@@ -139,14 +118,13 @@ def load_runs(path: str) -> dict[str, dict]:
     return runs
 
 
-def run_sweep(s: SweepSettings) -> dict[str, dict]:
+def run_sweep(s: SweepConfig) -> dict[str, dict]:
     """Train every missing (cell, seed, arm), ``s.jobs`` at a time; returns the records of the whole plan."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from erc_verl.demo.recipe_run import check_recipes_present, runs_stopped_on_exit
+    from erc_verl.demo.recipe_run import runs_stopped_on_exit
     from erc_verl.demo.tiny_world import write_tiny_world
 
-    check_recipes_present()
     os.makedirs(s.out, exist_ok=True)
     runs_path = os.path.join(s.out, "runs.jsonl")
     done = load_runs(runs_path)
@@ -175,13 +153,13 @@ def run_sweep(s: SweepSettings) -> dict[str, dict]:
     return {run_key(*p): done[run_key(*p)] for p in plan}
 
 
-def run_settings(s: SweepSettings) -> dict:
+def run_settings(s: SweepConfig) -> dict:
     """What every run of one sweep must share (cells, seeds, arms and jobs only choose which runs there are)."""
     return {k: getattr(s, k) for k in ("steps", "prompts", "n", "erc_low", "erc_high", "warmup_steps", "val_prompts",
                                        "val_n")}
 
 
-def check_same_run_settings(done: dict[str, dict], s: SweepSettings, runs_path: str) -> None:
+def check_same_run_settings(done: dict[str, dict], s: SweepConfig, runs_path: str) -> None:
     """Resuming with other per-run settings would average unlike runs: refused, naming what differs."""
     wanted = run_settings(s)
     for record in done.values():
@@ -192,13 +170,12 @@ def check_same_run_settings(done: dict[str, dict], s: SweepSettings, runs_path: 
                              "use another --out or the same flags.")
 
 
-def world_path(s: SweepSettings, seed: int) -> str:
+def world_path(s: SweepConfig, seed: int) -> str:
     return os.path.join(s.out, "worlds", f"seed{seed}")
 
 
-def _train_one(s: SweepSettings, updates: int, lr: float, seed: int, arm: str) -> dict:
+def _train_one(s: SweepConfig, updates: int, lr: float, seed: int, arm: str) -> dict:
     """One run through recipe/cpu_tiny.sh; its summary as a runs.jsonl record."""
-    from erc_verl.demo.demo import check_arm, erc_env
     from erc_verl.demo.metrics import run_summary
     from erc_verl.demo.recipe_run import RecipeRun, run_recipe, training_overrides
 
@@ -206,13 +183,12 @@ def _train_one(s: SweepSettings, updates: int, lr: float, seed: int, arm: str) -
     # validated once, after the last step; the start is each seed's warm-up, the same for every arm
     overrides = training_overrides(prompts=s.prompts, n=s.n, updates=updates, lr=lr, seed=seed, val_n=s.val_n,
                                    test_freq=s.steps, val_before_train=False)
-    t0 = time.perf_counter()
     run_dir = os.path.join(s.out, "runs", key)
-    rows = run_recipe(RecipeRun(recipe=arm, workdir=run_dir, tiny_dir=world_path(s, seed), steps=s.steps,
-                                overrides=overrides, env=erc_env(s.erc_low, s.erc_high)))
-    trainer = check_arm(arm, rows, s.steps, run_dir)
+    finished = run_recipe(RecipeRun(recipe=arm, workdir=run_dir, tiny_dir=world_path(s, seed), steps=s.steps,
+                                    overrides=overrides, env=erc_env(s.erc_low, s.erc_high)))
+    check_arm(arm, finished.rows, s.steps, run_dir)
     return {"key": key, "updates": updates, "lr": lr, "seed": seed, "arm": arm, "settings": run_settings(s),
-            "trainer": trainer, "wall_s": round(time.perf_counter() - t0, 1), **run_summary(rows)}
+            "trainer": finished.identity, "wall_s": round(finished.wall_s, 1), **run_summary(finished.rows)}
 
 
 # 97.5% quantiles of Student's t by degrees of freedom (two-sided 95% interval)
@@ -235,7 +211,7 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(len(x)))
 
 
-def summarize(records: dict[str, dict], s: SweepSettings):
+def summarize(records: dict[str, dict], s: SweepConfig):
     """One row per cell, metric and arm (and the paired difference of the last arm minus the first)."""
     import pandas as pd
 
@@ -262,7 +238,7 @@ def _fmt(mean: float, ci: float) -> str:
     return f"{mean:.3g} ± {ci:.2g}" if not math.isnan(ci) else f"{mean:.3g}"
 
 
-def markdown_table(summary, s: SweepSettings) -> str:
+def markdown_table(summary, s: SweepConfig) -> str:
     base, other = s.arms[0], s.arms[-1]
     head = (f"| updates/rollout | lr | metric | {base} | {other} | {other} - {base} (paired) | seeds {other} lower |\n"
             "|---|---|---|---|---|---|---|")
@@ -274,16 +250,13 @@ def markdown_table(summary, s: SweepSettings) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(records: dict[str, dict], s: SweepSettings, path: str) -> str:
+def plot_sweep(records: dict[str, dict], s: SweepConfig, path: str) -> str:
     """One panel per reported metric (the first three): each arm's seeds as dots, mean and 95% CI as a bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from erc_verl.demo.plots import panels, save
 
     metrics = REPORTED[:3]
     cells = s.cells
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2))
+    fig, axes = panels(len(metrics), width=5.2)
     width = 0.8 / len(s.arms)
     for ax, (metric, label) in zip(axes, metrics):
         for j, arm in enumerate(s.arms):
@@ -301,14 +274,10 @@ def plot_sweep(records: dict[str, dict], s: SweepSettings, path: str) -> str:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"off-policy stress on the tiny world: {s.seeds} seeds per cell, mean and 95% CI "
                  f"(ERC band {s.erc_low}-{s.erc_high})", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
-def run(s: SweepSettings) -> dict:
+def run(s: SweepConfig) -> dict:
     t0 = time.perf_counter()
     records = run_sweep(s)
     summary = summarize(records, s)
@@ -323,12 +292,3 @@ def run(s: SweepSettings) -> dict:
     print("\n" + table)
     print(f"\nwrote {s.out}/summary.md, summary.csv, sweep.png ({time.perf_counter() - t0:.0f} s)")
     return {"summary": summary, "figure": figure}
-
-
-def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
-    run(settings_from_args(build_parser(parser).parse_args(argv)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

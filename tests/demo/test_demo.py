@@ -5,6 +5,8 @@ ERC metric (``check_arm``)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -14,13 +16,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from erc_verl.demo import demo
+from erc_verl.algorithm.gate import ERCBounds
+from erc_verl.demo import commands, demo
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _settings(*argv: str) -> demo.DemoSettings:
-    return demo.settings_from_args(demo.build_parser().parse_args(list(argv)))
+def _settings(*argv: str) -> demo.DemoConfig:
+    """The flags as ``erc-verl demo`` reads them: generated from DemoConfig, its refusals a usage error."""
+    parser = commands.add_config_arguments(argparse.ArgumentParser(prog="erc-verl demo"), demo.DemoConfig)
+    return commands.config_from_args(parser, demo.DemoConfig, parser.parse_args(list(argv)))
 
 
 def _demo_cmd(*args: str) -> list[str]:
@@ -41,10 +46,25 @@ def _demo_cmd(*args: str) -> list[str]:
         (["--jobs", "0"], "--jobs"),
     ],
 )
-def test_bad_flags_name_the_flag(argv, flag):
+def test_bad_flags_name_the_flag(argv, flag, capsys):
+    """Refused as a usage error: the usage, then one line naming the flag, exit 2."""
     with pytest.raises(SystemExit) as exc:
         _settings(*argv)
-    assert flag in str(exc.value)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: erc-verl demo") and err[-1].startswith("erc-verl demo: error: ")
+    assert flag in err[-1]
+
+
+def test_the_config_checks_its_values_where_it_is_built(tmp_path):
+    """DemoConfig refuses bad values itself (no parser needed); the ERC band is the algorithm's own check."""
+    with pytest.raises(ValueError, match="--steps must be positive"):
+        demo.DemoConfig(steps=0, out=str(tmp_path))
+    with pytest.raises(ValueError) as band:
+        demo.DemoConfig(erc_low=1.1, erc_high=1.05, out=str(tmp_path))
+    with pytest.raises(ValueError) as algorithm:
+        ERCBounds(1.1, 1.05)
+    assert str(band.value) == f"--erc-low 1.1 / --erc-high 1.05: {algorithm.value}"
 
 
 def test_presets_and_flags():
@@ -52,13 +72,16 @@ def test_presets_and_flags():
     assert (quick.steps, quick.prompts, quick.minibatches) == (demo.PRESETS["quick"]["steps"], 8, 4)
     custom = _settings("--quick", "--steps", "3", "--arms", "gppo,gppo_erc")
     assert custom.steps == 3 and custom.arms == ("gppo", "gppo_erc")
+    default = _settings()
+    assert (default.steps, default.prompts, default.minibatches) == (30, 16, 8) and not default.no_progress
+    assert demo.DemoConfig(quick=True) == quick
 
 
 def test_cli_lists_demo_and_sweep():
     from erc_verl.cli import build_parser
 
     args = build_parser().parse_args(["demo", "--quick", "--arms", "gppo,gppo_erc"])
-    assert args.command == "demo" and args.quick and args.arms == "gppo,gppo_erc"
+    assert args.command == "demo" and args.quick and args.arms == ("gppo", "gppo_erc")
     assert build_parser().parse_args(["sweep", "--seeds", "3"]).command == "sweep"
 
 
@@ -69,10 +92,12 @@ def test_out_that_cannot_be_a_directory_is_one_line(tmp_path, where):
     a_file.write_text("keep me")
     out = a_file if where == "file" else a_file / "demo"
     result = subprocess.run(_demo_cmd("--quick", "--out", str(out)), capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    expected = (f"erc-verl demo: --out {out} is a file, not a directory; choose another --out." if where == "file" else
-                f"erc-verl demo: --out {out} cannot be created: {a_file} is a file.")
-    assert result.stderr.strip().splitlines() == [expected]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    expected = (f"erc-verl demo: error: --out {out} is a file, not a directory; choose another --out."
+                if where == "file" else f"erc-verl demo: error: --out {out} cannot be created: {a_file} is a file.")
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("usage: erc-verl demo") and lines[-1] == expected
+    assert [line for line in lines if "error" in line] == [expected]
     assert a_file.read_text() == "keep me"
 
 
@@ -91,17 +116,22 @@ def test_a_file_error_mid_run_is_one_line(tmp_path, monkeypatch):
 def test_check_arm_refuses_missing_steps_and_a_silent_erc_arm(tmp_path):
     s = _settings("--quick", "--steps", "2", "--out", str(tmp_path))
     (tmp_path / "dapo_erc").mkdir()
-    (tmp_path / "dapo_erc" / "train.log").write_text("(ERCTaskRunnerV1 pid=1) erc-verl: trainer=ERCPPOTrainerSync x\n")
+    identity = {"trainer": "ERCPPOTrainerSync", "trainer_mode": "sync"}  # erc_verl.main_ppo writes it there
+    (tmp_path / "dapo_erc" / "metrics.identity.json").write_text(json.dumps(identity))
     erc_rows = [{"step": i, "critic/score/mean": 0.5, "actor/erc_clipfrac": 0.01} for i in (1, 2)]
     run_dir = str(tmp_path / "dapo_erc")
-    assert demo.check_arm("dapo_erc", erc_rows, s.steps, run_dir) == "trainer=ERCPPOTrainerSync x"
+    from erc_verl.demo.recipe_run import RecipeRun
+    from erc_verl.seams.run_identity import read_run_identity
+
+    commands.check_arm("dapo_erc", erc_rows, s.steps, run_dir)
+    assert read_run_identity(RecipeRun("dapo_erc", run_dir, str(tmp_path / "tiny"), s.steps).metrics_path) == identity
     with pytest.raises(SystemExit, match="logged 1 training steps, expected 2"):
-        demo.check_arm("dapo_erc", erc_rows[:1], s.steps, run_dir)
+        commands.check_arm("dapo_erc", erc_rows[:1], s.steps, run_dir)
     plain_rows = [{"step": i, "critic/score/mean": 0.5} for i in (1, 2)]
     with pytest.raises(SystemExit, match="did not log actor/erc_clipfrac: the ERC loss did not run"):
-        demo.check_arm("dapo_erc", plain_rows, s.steps, run_dir)
+        commands.check_arm("dapo_erc", plain_rows, s.steps, run_dir)
     with pytest.raises(SystemExit, match="logged actor/erc_clipfrac: the baseline loss did not run"):
-        demo.check_arm("dapo", erc_rows, s.steps, run_dir)
+        commands.check_arm("dapo", erc_rows, s.steps, run_dir)
 
 
 @pytest.mark.integration
@@ -114,9 +144,9 @@ def test_demo_overrides_reach_the_config_the_recipe_composes(tmp_path, arm):
     write_tiny_world(str(tmp_path / "tiny"), warmup_steps=1)
     s = _settings("--quick", "--prompts", "16", "--minibatches", "8", "--seed", "3", "--lr", "2e-4",
                   "--erc-low", "0.9", "--erc-high", "1.2", "--out", str(tmp_path))
-    diagnostics = str(tmp_path / arm / "diagnostics") if arm in demo.ERC_ARMS else None
+    diagnostics = str(tmp_path / arm / "diagnostics") if arm in commands.ERC_ARMS else None
     env = {"TINY_DIR": str(tmp_path / "tiny"), "ERC_DRY_RUN": "1", "PYTHON": sys.executable,
-           **demo.erc_env(s.erc_low, s.erc_high)}
+           **commands.erc_env(s.erc_low, s.erc_high)}
     result = subprocess.run(["bash", str(REPO / "recipe" / "cpu_tiny.sh"), arm, *demo.arm_overrides(arm, s, diagnostics)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
                             env={**os.environ, **env})

@@ -4,17 +4,20 @@ erc_verl.demo.recipe_run, as the demo's do."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import matplotlib.image
 import pytest
 
-from erc_verl.demo import sweep
+from erc_verl.demo import commands, sweep
 
 
-def _settings(*argv: str) -> sweep.SweepSettings:
-    return sweep.settings_from_args(sweep.build_parser().parse_args(list(argv)))
+def _settings(*argv: str) -> sweep.SweepConfig:
+    """The flags as ``erc-verl sweep`` reads them: generated from SweepConfig, its refusals a usage error."""
+    parser = commands.add_config_arguments(argparse.ArgumentParser(prog="erc-verl sweep"), sweep.SweepConfig)
+    return commands.config_from_args(parser, sweep.SweepConfig, parser.parse_args(list(argv)))
 
 
 def test_cells_parse_as_updates_at_learning_rate(tmp_path):
@@ -36,11 +39,21 @@ REFUSED = {  # command line -> what the refusal says
 
 
 @pytest.mark.parametrize("command_line", REFUSED)
-def test_bad_flags_are_refused_before_anything_runs(command_line):
+def test_bad_flags_are_refused_before_anything_runs(command_line, capsys):
+    """A usage error: the usage, then one line saying what is wrong, exit 2."""
     message = REFUSED[command_line]
     with pytest.raises(SystemExit) as exc:
         _settings(*command_line.split())
-    assert message in str(exc.value)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: erc-verl sweep") and err[-1].startswith("erc-verl sweep: error: ")
+    assert message in err[-1]
+
+
+def test_defaults_are_the_readme_sweep(tmp_path):
+    s = _settings("--out", str(tmp_path))
+    assert s == sweep.SweepConfig(out=str(tmp_path))
+    assert (s.cells, s.seeds, s.arms, s.steps) == (((2, 1e-4), (8, 1e-4), (8, 4e-4)), 5, ("dapo", "dapo_erc"), 10)
 
 
 def test_mean_ci_is_the_t_interval():
@@ -50,7 +63,7 @@ def test_mean_ci_is_the_t_interval():
     assert math.isnan(sweep.mean_ci([2.0])[1])
 
 
-def _records(s: sweep.SweepSettings) -> dict[str, dict]:
+def _records(s: sweep.SweepConfig) -> dict[str, dict]:
     """ERC lower than DAPO by exactly 0.1 on entropy fluctuation in every seed; everything else equal."""
     records = {}
     for updates, lr in s.cells:
@@ -101,3 +114,18 @@ def test_resuming_with_other_run_settings_is_refused(tmp_path, monkeypatch):
 
 def test_t_quantile_is_never_narrower_than_students():
     assert sweep.t_975(4) == 2.776 and sweep.t_975(11) == 2.201 and sweep.t_975(22) == 2.086
+
+
+def test_demo_and_sweep_do_not_import_each_other():
+    """What both commands use lives in erc_verl.demo.commands."""
+    import ast
+    import inspect
+
+    from erc_verl.demo import demo
+
+    for module, other in ((demo, sweep), (sweep, demo)):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     for alias in node.names}
+        assert not any(name.startswith(other.__name__) for name in imported), (module.__name__, imported)

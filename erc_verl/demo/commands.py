@@ -1,0 +1,140 @@
+"""What ``erc-verl demo`` and ``erc-verl sweep`` share: flags generated from a typed config and the checks of
+their values, the ERC band handed to the recipes, and the check of a finished arm's metrics.
+
+Each command's options are one dataclass whose fields carry their help (``field(metadata={"help": ...})``, as
+verl's and TRL's configs do); :func:`add_config_arguments` makes the ``--flags`` from it and the dataclass's
+``__post_init__`` is the one place their values are checked, raising ``ValueError`` naming the flag, which
+:func:`config_from_args` turns into argparse's usage error (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any
+
+from erc_verl.algorithm.config import ERCFSDPActorConfig
+from erc_verl.algorithm.gate import ERCBounds
+
+ERC_ARMS = ("dapo_erc", "gppo_erc")  # the recipes that gate with ERC (and log its metrics and token diagnostics)
+
+
+def flag(name: str) -> str:
+    """A config field's command-line flag: ``eval_every`` -> ``--eval-every``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> argparse.ArgumentParser:
+    """One flag per field of ``config_class``: its help, argument group (``metadata["group"]``), parser
+    (``metadata["parse"]``, else the field's type) and metavar come from the field; ``bool`` fields are switches."""
+    hints = typing.get_type_hints(config_class)
+    groups: dict[str, Any] = {}
+    for field in dataclasses.fields(config_class):
+        meta = field.metadata
+        target = parser
+        if "group" in meta:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]]
+        help_text = meta["help"].replace("%", "%%")  # argparse formats help with %
+        if hints[field.name] is bool:
+            target.add_argument(flag(field.name), action="store_true", help=help_text)
+            continue
+        if field.default is not None:
+            help_text += f" (default: {meta.get('show', _show)(field.default)})"
+        kind = hints[field.name]
+        if type(None) in typing.get_args(kind):  # Optional[int]: a preset fills it in; the flag takes an int
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        target.add_argument(flag(field.name), type=meta.get("parse", kind), default=field.default,
+                            metavar=meta.get("metavar"), help=help_text)
+    return parser
+
+
+def _show(default) -> str:
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
+def config_from_args(parser: argparse.ArgumentParser, config_class: type, args: argparse.Namespace):
+    """The config of the parsed flags; a value the config refuses is a usage error: usage, one line, exit 2."""
+    try:
+        return config_class(**{field.name: getattr(args, field.name) for field in dataclasses.fields(config_class)})
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``--arms dapo, dapo_erc`` -> ("dapo", "dapo_erc")."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def erc_bound(which: str, **metadata):
+    """The --erc-low / --erc-high field: the ERC recipes' ENTROPY_MASK_LOW / _HIGH (see :func:`erc_env`), by
+    default the actor config's (the paper's band)."""
+    key = f"entropy_mask_{which}"
+    return dataclasses.field(default=getattr(ERCFSDPActorConfig, key), metadata={
+        "help": f"the ERC recipes' {key} (the default is the paper's)", **metadata})
+
+
+def check_erc_band(low: float, high: float) -> None:
+    """The band rule is the algorithm's (:class:`erc_verl.algorithm.gate.ERCBounds`); here it names the flags."""
+    try:
+        ERCBounds(low, high)
+    except ValueError as error:
+        raise ValueError(f"--erc-low {low} / --erc-high {high}: {error}") from None
+
+
+def check_arms(arms: tuple[str, ...], minimum: int) -> None:
+    from erc_verl.demo.recipe_run import CPU_RECIPES
+
+    unknown = [arm for arm in arms if arm not in CPU_RECIPES]
+    if unknown:
+        raise ValueError(f"--arms: unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(CPU_RECIPES)}.")
+    if len(set(arms)) != len(arms):
+        raise ValueError(f"--arms lists a recipe twice: {','.join(arms)}.")
+    if len(arms) < minimum:
+        raise ValueError(f"--arms needs {minimum} or more recipes from {', '.join(CPU_RECIPES)}, got {len(arms)}.")
+
+
+def check_positive(config, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{flag(name)} must be positive, got {getattr(config, name)}.")
+
+
+def check_group_size(n: int) -> None:
+    if n < 2:
+        raise ValueError(f"--n must be >= 2, got {n}: GRPO advantages compare samples of the same prompt.")
+
+
+def check_out_dir(out: str) -> None:
+    """--out must be, or become, a writable directory: refused now, in one line, not minutes into the run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory; choose another --out.")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out} cannot be created: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable; choose another --out.")
+
+
+def erc_env(erc_low: float, erc_high: float) -> dict[str, str]:
+    """The ERC recipes read their band from these variables (recipe/dapo_erc.sh, recipe/gppo_erc.sh)."""
+    return {"ENTROPY_MASK_LOW": repr(erc_low), "ENTROPY_MASK_HIGH": repr(erc_high)}
+
+
+def check_arm(arm: str, rows: list[dict], steps: int, run_dir: str) -> None:
+    """Every step logged, ERC's metrics present exactly in ERC arms: else the arm did not run as its recipe says."""
+    from erc_verl.demo.metrics import ERC_CLIPFRAC, REWARD
+
+    logged = sum(REWARD in row for row in rows)
+    if logged != steps:
+        raise SystemExit(f"erc-verl: {arm} logged {logged} training steps, expected {steps}; "
+                         f"see {run_dir}/train.log.")
+    logged_erc = any(ERC_CLIPFRAC in row for row in rows)
+    if logged_erc != (arm in ERC_ARMS):
+        raise SystemExit(f"erc-verl: {arm} {'logged' if logged_erc else 'did not log'} {ERC_CLIPFRAC}: the "
+                         f"{'ERC' if arm in ERC_ARMS else 'baseline'} loss did not run as its recipe says.")
