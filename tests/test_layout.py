@@ -2,6 +2,7 @@
 seams never reach into the paper tooling or the demo, and so on. Parsed from the source, not imported."""
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,12 @@ ALLOWED = {
     "algorithm": set(),
     "seams": {"algorithm"},
     "paper": set(),
-    "bench": {"algorithm", "seams"},
+    "bench": {"algorithm", "seams", "demo"},  # demo: the one tiny-Qwen2 builder (erc_verl.demo.task.tiny_qwen2)
     "demo": {"algorithm", "seams", "paper"},
 }
+
+
+SCAFFOLDING_MODULES = ("pytest", "unittest.mock", "_pytest")
 
 
 def erc_verl_imports(path: Path) -> set[str]:
@@ -57,25 +61,49 @@ def test_the_rule_checker_sees_imports(tmp_path):
     assert erc_verl_imports(module) == {"demo", "seams", "paper", "<relative import>"}
 
 
+def scaffolding_reasons(path: str, source: str) -> list[str]:
+    """Why a shipped module looks like test scaffolding: its name (testing, conftest, test_*) or a test-only import."""
+    name = path.rsplit("/", 1)[-1]
+    reasons = [f"named {name}"] if name in ("testing.py", "conftest.py") or name.startswith("test_") else []
+    for node in ast.walk(ast.parse(source, filename=path)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        reasons += [f"imports {n}" for n in names if any(n == m or n.startswith(f"{m}.") for m in SCAFFOLDING_MODULES)]
+    return reasons
+
+
+def test_the_scaffolding_check_sees_test_code():
+    """The wheel's scaffolding check itself (the shape of the erc_verl/seams/testing.py it once shipped)."""
+    assert scaffolding_reasons("erc_verl/seams/testing.py", "from unittest import mock\n") == [
+        "named testing.py", "imports unittest.mock"]
+    assert scaffolding_reasons("erc_verl/bench/x.py", "def f():\n    import pytest\n") == ["imports pytest"]
+    assert scaffolding_reasons("erc_verl/x.py", "import unittest.mock as m\nfrom _pytest import fixtures\n") == [
+        "imports unittest.mock", "imports _pytest", "imports _pytest.fixtures"]
+    assert scaffolding_reasons("erc_verl/demo/test_x.py", "import unittest\nimport torch.testing\n") == [
+        "named test_x.py"]
+
+
 @pytest.mark.integration
 def test_the_built_wheel_holds_every_module(tmp_path):
-    """A non-editable install (`pip install erc-verl`) gets every module and the YAML configs."""
-    import subprocess
-    import sys
+    """A non-editable install (`pip install erc-verl`) gets every module and the YAML configs, and no test
+    scaffolding (that lives under tests/)."""
     import zipfile
 
-    import shutil
+    from support.wheel import build_wheel, package_folders
 
-    source = tmp_path / "source"  # a clean copy: setuptools would also pack a stale build/ of the checkout
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(PACKAGE.parent / name, source / name)
-    for name in ("erc_verl", "configs"):
-        shutil.copytree(PACKAGE.parent / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(source)], check=True, capture_output=True, timeout=240)
-    (wheel,) = tmp_path.glob("erc_verl-*.whl")
-    shipped = set(zipfile.ZipFile(wheel).namelist())
+    wheel = build_wheel(tmp_path)
+    archive = zipfile.ZipFile(wheel)
+    shipped = set(archive.namelist())
     expected = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
-    expected |= {f"erc_verl/configs/{p.name}" for p in (PACKAGE.parent / "configs").glob("*.yaml")}
+    data = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-data", {})
+    for package, folder in package_folders().items():  # e.g. configs/ installs as erc_verl.configs
+        for pattern in ("*.py", *data.get(package, [])):
+            expected |= {f"{package.replace('.', '/')}/{p.name}" for p in (PACKAGE.parent / folder).glob(pattern)}
     assert expected - shipped == set()
+    scaffolding = {name: scaffolding_reasons(name, archive.read(name).decode())
+                   for name in sorted(shipped) if name.endswith(".py")}
+    assert {name: why for name, why in scaffolding.items() if why} == {}

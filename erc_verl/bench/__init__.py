@@ -1,5 +1,11 @@
 """Benchmarks of what ERC costs: ``overhead`` (one actor micro-step, DAPO vs ERC vs graph entropy through verl's
-real engine) and ``entropy`` (the entropy functions alone). Thin command lines in ``scripts/bench_*.py``.
+real engine) and ``entropy`` (the entropy functions alone); ``gpu_evidence``, the GPU kit's measurements. Thin
+command lines in ``scripts/bench_*.py``.
 
-May import ``erc_verl.algorithm`` and ``erc_verl.seams``; never the paper tooling or the demo.
+- ``engine_rig``: verl's ``FSDPEngineWithLMHead`` driven on a plain module (the rig the seam tests use too).
+- ``fresh``: run a function in a fresh interpreter (own peak memory, own malloc settings), JSON result back.
+- ``flags``: command-line flags generated from a config dataclass.
+
+May import ``erc_verl.algorithm``, ``erc_verl.seams`` and ``erc_verl.demo`` (its one tiny-Qwen2 builder); never the
+paper tooling (tests/test_layout.py).
 """

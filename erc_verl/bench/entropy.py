@@ -12,8 +12,8 @@ Entropy alone, graph-free:
   erc                       erc_verl.algorithm.entropy.entropy_from_logits_no_grad
 
 Each row gives the median of ``torch.utils.benchmark``'s blocked runs and the largest deviation from a float64
-reference on the first 64 rows (log-prob or entropy). On CPU the process re-executes itself once with glibc
-keeping freed memory (as ``bench_overhead``'s timing process does, see there): otherwise each backward's
+reference on the first 64 rows (log-prob or entropy). On CPU the measuring runs in a fresh interpreter with glibc
+keeping freed memory (``erc_verl.bench.fresh``, as ``bench_overhead``'s timing process): otherwise each backward's
 (tokens x vocab) gradient is mapped afresh and page faults dominate what is timed.
 
 Example:
@@ -23,38 +23,52 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
 
-from erc_verl.bench.overhead import MALLOC_ENV, device_name
+from erc_verl.bench.flags import add_dataclass_flags, option
+from erc_verl.bench.fresh import MALLOC_ENV, run_fresh
+from erc_verl.bench.overhead import device_name
 
 
-def _reexec_with_cached_malloc(device: str) -> None:
-    wanted = MALLOC_ENV["cached"]
-    if device == "cpu" and any(os.environ.get(k) != v for k, v in wanted.items()):
-        os.execve(sys.executable, [sys.executable, "-m", "erc_verl.bench.entropy", *sys.argv[1:]],
-                  {**os.environ, **wanted})
+@dataclass
+class EntropyBenchConfig:
+    tokens: int = option(512, "rows of the logits tensor")
+    vocab: int = option(151_936, "vocabulary size (Qwen2's by default)")
+    dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of the logits")
+    device: Literal["cpu", "cuda"] = option("cpu", "where the logits live")
+    scale: float = option(3.0, "logit standard deviation")
+    min_run_time: float = option(2.0, "seconds per row (torch.utils.benchmark blocked_autorange)")
+    threads: Optional[int] = option(None, "torch threads (default: torch's)")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=512, help="rows of the logits tensor")
-    p.add_argument("--vocab", type=int, default=151_936, help="vocabulary size (Qwen2's by default)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the logits")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--scale", type=float, default=3.0, help="logit standard deviation")
-    p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per row (torch.utils.benchmark)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = p.parse_args(argv)
-    if argv is None:
-        _reexec_with_cached_malloc(args.device)
+    add_dataclass_flags(p, EntropyBenchConfig)
+    cfg = EntropyBenchConfig(**vars(p.parse_args(argv)))
+    if cfg.tokens < 1 or cfg.vocab < 2 or cfg.min_run_time < 0 or (cfg.threads is not None and cfg.threads < 1):
+        p.error("--tokens and --threads must be >= 1, --vocab >= 2, --min-run-time >= 0")
+    if cfg.device == "cpu":  # glibc keeping freed memory, which it reads once, at start: a fresh interpreter
+        report = run_fresh("erc_verl.bench.entropy:measure", dataclasses.asdict(cfg),
+                           malloc_env=MALLOC_ENV["cached"])
+    else:
+        report = measure(dataclasses.asdict(cfg))
+    print(report["header"])
+    for name, median, error in report["rows"]:
+        print(f"  {name:<33} {median * 1e3:8.1f} ms   max |error| {error:.1e}")
 
+
+def measure(cfg_json: dict) -> dict:
+    """Every function timed on one logits tensor: a header line and (name, median seconds, max error) rows."""
     import torch
     from torch.utils import benchmark
 
     from verl.utils import torch_functional as verl_F
 
     from erc_verl.algorithm.entropy import default_chunk_rows, entropy_from_logits_no_grad, log_probs_and_entropy
+
+    args = EntropyBenchConfig(**cfg_json)
 
     threads = args.threads or torch.get_num_threads()
     dtype = getattr(torch, args.dtype)
@@ -96,13 +110,15 @@ def main(argv=None) -> None:
                                           label="entropy alone"),
                     (fn(logits[:64]).double() - exact_entropy).abs().max().item())
                    for name, fn in entropies.items()]
-    print(f"logits {args.tokens} x {args.vocab} {args.dtype} on {device_name(args.device)}, {threads} thread(s), "
-          f"{rows} rows per chunk; median of torch.utils.benchmark blocked_autorange({args.min_run_time} s)")
+    header = (f"logits {args.tokens} x {args.vocab} {args.dtype} on {device_name(args.device)}, {threads} "
+              f"thread(s), {rows} rows per chunk; median of torch.utils.benchmark "
+              f"blocked_autorange({args.min_run_time} s)")
+    results = []
     for name, timer, error in timers:
         grad = torch.enable_grad() if "fwd+bwd" in name else torch.no_grad()
         with grad:
-            median = timer.blocked_autorange(min_run_time=args.min_run_time).median
-        print(f"  {name:<33} {median * 1e3:8.1f} ms   max |error| {error:.1e}")
+            results.append((name, timer.blocked_autorange(min_run_time=args.min_run_time).median, error))
+    return {"header": header, "rows": results}
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -75,13 +76,11 @@ RAY_LOG_ENV = "ERC_KIT_RAY_STUB_LOG"  # the kit's ray stub appends every use to 
 # ----------------------------------------------------------------------------------------------- update check
 
 
-def _check_cfg(device: str, dtype: str) -> dict:
-    args = overhead.parse_args(["--device", device])
-    cfg = overhead.resolve_config(args)
+def _check_cfg(device: str, dtype: str) -> overhead.OverheadConfig:
     shape = CHECK_SHAPES[device]
-    cfg.update(shape, dtype=dtype, intermediate_size=2 * shape["hidden_size"], gradient_checkpointing=False,
-               token_list=[shape["tokens"]], max_position_embeddings=max(4096, shape["tokens"]))
-    return cfg
+    cfg = overhead.parse_args(["--device", device])
+    return dataclasses.replace(cfg, **shape, dtype=dtype, intermediate_size=2 * shape["hidden_size"],
+                               gradient_checkpointing=False, max_position_embeddings=max(4096, shape["tokens"]))
 
 
 def _response_stats_f64(model64, td):
@@ -137,7 +136,7 @@ def _one_update(cfg: dict, model, td):
     finally:
         handle.remove()
     named = dict(model.named_parameters())
-    last = cfg["layers"] - 1
+    last = cfg.layers - 1
     result = {
         "loss": float(loss.detach().double().cpu()),
         "logits": captured["logits"].detach().double().cpu(),
@@ -169,10 +168,10 @@ def update_check(device: str, dtypes=CHECK_DTYPES) -> dict:
     started = time.time()
     # One set of random weights, rounded to bfloat16 so that every device dtype holds them exactly: one float64
     # reference (model, batch, targets) serves all dtypes.
-    ref_cfg = dict(_check_cfg(device, "float32"), device="cpu", dtype="float64", entropy_compile="off")
-    base = overhead.build_model(dict(ref_cfg, dtype="float32")).to(torch.bfloat16)
+    ref_cfg = dataclasses.replace(_check_cfg(device, "float32"), device="cpu", dtype="float64", entropy_compile="off")
+    base = overhead.build_model(dataclasses.replace(ref_cfg, dtype="float32")).to(torch.bfloat16)
     model64 = copy.deepcopy(base).to(torch.float64)
-    td = overhead.build_batch(ref_cfg, ref_cfg["tokens"])
+    td = overhead.build_batch(ref_cfg, ref_cfg.tokens)
     logp, entropy = _response_stats_f64(model64, td)
     shape = tuple(logp.shape)
     rho, ratio = _cycled(TARGET_RHO, shape), _cycled(TARGET_PPO_RATIO, shape, offset=1)
@@ -192,12 +191,12 @@ def update_check(device: str, dtypes=CHECK_DTYPES) -> dict:
         try:
             dev = _one_update(cfg, model, td.to(device))
         except Exception as e:
-            if cfg["entropy_compile"] != "on":
+            if cfg.entropy_compile != "on":
                 raise
             # verl's torch.compile'd entropy did not build here: say so, and check the update without it
             compile_error = "".join(traceback.format_exception_only(type(e), e)).strip()
             print(f"  check {dtype}: failed with the compiled entropy ({compile_error}); once more without", flush=True)
-            cfg["entropy_compile"] = "off"
+            cfg = dataclasses.replace(cfg, entropy_compile="off")
             dev = _one_update(cfg, model, td.to(device))
         scale = td["advantages"].abs().double().mean().item()
         tol = TOLERANCES[dtype]
@@ -228,7 +227,7 @@ def update_check(device: str, dtypes=CHECK_DTYPES) -> dict:
         results["runs"][dtype] = {
             "pass": all(criteria.values()), "criteria": criteria, "compare": cmp,
             "worst_grad": {"param": worst_grad[0], **worst_grad[1]}, "metrics": metrics,
-            "expected_erc_clipfrac": expected_erc_clipfrac, "entropy_compile": cfg["entropy_compile"],
+            "expected_erc_clipfrac": expected_erc_clipfrac, "entropy_compile": cfg.entropy_compile,
             "compile_error": compile_error,
             "wall_s": time.time() - started,
         }

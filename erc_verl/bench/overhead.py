@@ -1,7 +1,7 @@
 """Cost of ERC's current-policy entropy in one actor micro-step (forward, loss, backward).
 
-Three variants run through verl's real ``FSDPEngineWithLMHead.forward_step`` (on CPU via
-``erc_verl.seams.testing.cpu_lm_engine``: verl's class around a plain module, no FSDP wrapping):
+Three variants run through verl's real ``FSDPEngineWithLMHead.forward_step`` (``erc_verl.bench.engine_rig``:
+verl's class around a plain module, no FSDP wrapping):
 
   dapo           verl's ``ppo_loss`` with ``loss_mode=vanilla`` (DAPO clip-higher 0.2/0.28), no entropy
                  (micro-batch ``calculate_entropy=False``), on a stock engine.
@@ -12,10 +12,13 @@ Three variants run through verl's real ``FSDPEngineWithLMHead.forward_step`` (on
                  ``calculate_entropy=True``): stock engine, micro-batch ``calculate_entropy=True``, no detached
                  flag, same loss (``ppo_loss_with_entropy``, ``grpo_erc``).
 
-Time: one fresh process, one shared model and micro-batch, ``--warmup`` steps per variant, then ``--reps`` rounds
-round-robin (dapo erc graph_entropy dapo erc ...); the table quotes medians. ``loss.backward()`` is inside the
-timed region, parameter ``.grad`` is reset to None outside it (as ``optimizer.zero_grad`` does).
-Memory: fresh processes (``--worker VARIANT``), ``--mem-runs`` per variant, all finished before the timing process
+Time: ``torch.utils.benchmark.Timer``, one per variant, in one fresh process sharing one model and micro-batch:
+``--warmup`` steps per variant, then ``--reps`` rounds round-robin (dapo erc graph_entropy dapo erc ...), each a
+``blocked_autorange(min_run_time=0)``: its block-size probe (one untimed step) then one timed step, so every timed
+step follows a step of the same variant. The table quotes the ``Measurement`` medians over the rounds.
+``loss.backward()`` is inside the timed region; parameter ``.grad`` is reset to None in the Timer's ``setup``,
+outside it (as ``optimizer.zero_grad`` does).
+Memory: fresh processes (``erc_verl.bench.fresh``), ``--mem-runs`` per variant, all finished before the timing process
 starts; ratios use each variant's median peak (every run is kept in the JSON). On CPU each process
 reports ``ru_maxrss`` (its whole peak resident set, nothing subtracted) after its steps, with the RSS right after
 building model and batch beside it as ``base``. On CUDA each reports ``torch.cuda.max_memory_allocated`` after
@@ -38,9 +41,10 @@ allocator does on a GPU: after warm-up the steps fault nothing and the time is t
 the table shows each variant's spread and process CPU time, and warns when the steps got less CPU than they asked
 for (``--threads 1 --timer cpu`` is the most contention-proof setting).
 
-The model is an HF Qwen2 with random weights built from a config (nothing downloaded) and the real 151,936-token
-vocabulary, so the (tokens x vocab) logits dominate activation memory. Input is packed exactly as verl packs it
-(``use_remove_padding=True``: ``left_right_2_no_padding`` then ``prepare_model_inputs`` -> one (1, tokens) row).
+The model is ``erc_verl.demo.task.tiny_qwen2``: an HF Qwen2 with random weights built from a config (nothing
+downloaded), here with the real 151,936-token vocabulary, so the (tokens x vocab) logits dominate activation memory.
+Input is packed exactly as verl packs it (``use_remove_padding=True``: ``left_right_2_no_padding`` then
+``prepare_model_inputs`` -> one (1, tokens) row).
 
 Examples:
   python scripts/bench_overhead.py --quick --json bench_quick.json
@@ -52,6 +56,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import gc
 import json
@@ -59,16 +64,20 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
+import timeit
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
+from typing import Literal, Optional
+
+from erc_verl.bench.fresh import MALLOC_ENV, run_fresh
+from erc_verl.bench.flags import add_dataclass_flags, option
 
 VARIANTS = ("dapo", "erc", "graph_entropy")
 REAL_VOCAB = 151_936
-WORKER_TAG = "BENCH_WORKER_RESULT "
 
 # Targets for ERC against DAPO (defined for --quick on CPU): at most 2% more step time, 1% more peak memory.
 TARGET_TIME_RATIO_ERC = 1.02
@@ -87,93 +96,171 @@ PRESETS = {
                             max_position_embeddings=131072, dtype="bfloat16", gradient_checkpointing=True,
                             reps=5, warmup=2, mem_runs=1),
 }
-DEFAULTS = dict(hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=None, vocab=REAL_VOCAB,
-                tokens=512, seqs=4, response_frac=0.75, rope_theta=10000.0, rms_norm_eps=1e-6,
-                max_position_embeddings=None, dtype="float32", gradient_checkpointing=False, reps=7, warmup=2,
-                mem_steps=2, mem_runs=2, mem_jobs=None, mem_malloc="pinned", time_malloc="cached",
-                entropy_compile="auto", entropy_chunking=False, entropy_chunk_size=2048, seed=0)
+
+
+def comma_separated_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t)
+
+
+def comma_separated_names(text: str) -> tuple[str, ...]:
+    return tuple(t for t in text.split(",") if t)
+
+
+@dataclass
+class OverheadConfig:
+    """What the benchmark measures and how. Explicit flags override ``--preset`` / ``--quick``, which override
+    these defaults; ``resolved()`` fills the derived fields and is the one place flags are validated."""
+
+    quick: bool = option(False, "the small CPU shape the targets are defined for (a few minutes on 2 idle cores): "
+                         + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    preset: Optional[str] = option(None, "model/token shapes of a real model (random weights)",
+                                   choices=tuple(sorted(PRESETS)))
+    device: Literal["cpu", "cuda"] = option("cpu", "where the model and the micro-batch live")
+    hidden_size: int = option(256, "Qwen2 hidden size")
+    layers: int = option(2, "Qwen2 decoder layers")
+    heads: int = option(4, "attention heads")
+    kv_heads: int = option(2, "key/value heads (grouped-query attention)")
+    intermediate_size: Optional[int] = option(None, "MLP size (default 2 x hidden size)")
+    vocab: int = option(REAL_VOCAB, "vocabulary size (Qwen2's real one: the logits dominate activation memory)")
+    tokens: int = option(512, "packed tokens in the micro-batch (prompt + response)")
+    seqs: int = option(4, "sequences in the micro-batch (tokens split evenly)")
+    response_frac: float = option(0.75, "response share of each sequence")
+    sweep: tuple[int, ...] = option((), "comma-separated token counts, e.g. 256,512,1024 (replaces --tokens)",
+                                    parse=comma_separated_ints)
+    rope_theta: float = option(10000.0, "Qwen2 RoPE base")
+    rms_norm_eps: float = option(1e-6, "Qwen2 RMSNorm epsilon")
+    max_position_embeddings: Optional[int] = option(None, "Qwen2 context size (default: max(4096, tokens))")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "parameter (and so logits) dtype")
+    gradient_checkpointing: bool = option(False, "non-reentrant gradient checkpointing, as verl's actor enables it")
+    reps: int = option(7, "timed rounds (each times every variant once)")
+    warmup: int = option(2, "untimed steps per variant before the timed rounds (and in each memory process)")
+    mem_steps: int = option(2, "steps after warm-up in each memory process")
+    mem_runs: int = option(2, "fresh memory processes per variant (the median peak is used)")
+    mem_jobs: Optional[int] = option(None, "memory processes run at once (default: 2 on cpu, 1 on cuda)")
+    mem_malloc: Literal["pinned", "default"] = option(
+        "pinned", "CPU memory processes: glibc's mmap threshold pinned at 128 KiB, or glibc's dynamic default "
+        "(noisier peak RSS)")
+    time_malloc: Literal["cached", "default"] = option(
+        "cached", "CPU timing process: glibc keeps freed memory for reuse, as a caching allocator does, or glibc's "
+        "default (every step re-faults its logits-sized buffers: noisy)")
+    entropy_compile: Literal["auto", "on", "off"] = option(
+        "auto", "torch.compile verl's entropy function as verl's engine does (auto: on for cuda, off for cpu)")
+    entropy_chunking: bool = option(False, "engine config entropy_from_logits_with_chunking")
+    entropy_chunk_size: int = option(2048, "engine config entropy_from_logits_chunk_size (rows)")
+    seed: int = option(0, "seed of the random weights and the micro-batch")
+    threads: Optional[int] = option(None, "torch.set_num_threads (default: torch's)")
+    timer: Literal["wall", "cpu"] = option(
+        "wall", "which medians the ratios and the check use (cpu = process CPU time, CPU only)")
+    variants: tuple[str, ...] = option(VARIANTS, "variants to run, comma-separated (dapo always runs)",
+                                       parse=comma_separated_names)
+    memory: bool = option(True, "run the per-variant memory processes")
+    json: Optional[str] = option(None, "write the results as JSON to this path")
+    check: bool = option(False, "exit 1 when the acceptance check fails")
+
+    @property
+    def token_list(self) -> list[int]:
+        return sorted(set(self.sweep or (self.tokens,)))
+
+    def resolved(self) -> "OverheadConfig":
+        """Derived fields filled in; a ``ValueError`` naming the flag for any bad value or combination."""
+        for name in ("hidden_size", "layers", "heads", "kv_heads", "vocab", "seqs", "reps", "mem_runs",
+                     "entropy_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("warmup", "mem_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        for name in ("threads", "mem_jobs", "intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0 < self.response_frac < 1:
+            raise ValueError("--response-frac must lie strictly between 0 and 1")
+        if self.timer == "cpu" and self.device != "cpu":
+            raise ValueError("--timer cpu measures host CPU time; use the default wall timer with --device cuda")
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
+        for tokens in self.token_list:
+            if tokens % self.seqs or tokens // self.seqs < 2:
+                raise ValueError(f"--tokens/--sweep value {tokens} must be a multiple of --seqs {self.seqs} "
+                                 "(>= 2 each)")
+        return dataclasses.replace(
+            self,
+            variants=tuple(v for v in VARIANTS if v == "dapo" or v in self.variants),
+            intermediate_size=self.intermediate_size or 2 * self.hidden_size,
+            max_position_embeddings=self.max_position_embeddings or max(4096, *self.token_list),
+            # Memory processes may overlap on CPU (each measures only itself); on a GPU they would share the device.
+            mem_jobs=self.mem_jobs or (1 if self.device == "cuda" else min(2, os.cpu_count() or 1)),
+            # verl's FSDP engine wraps its entropy function in torch.compile by default (use_torch_compile=True); do
+            # that on CUDA. On CPU (where verl's engine does not run in production) it needs inductor's C++
+            # toolchain, ~15 s of compilation per process and ~200 MiB of compiler RSS: opt in with "on".
+            entropy_compile=({"auto": "on" if self.device == "cuda" else "off"}.get(self.entropy_compile,
+                                                                                    self.entropy_compile)),
+        )
+
+    def as_json(self) -> dict:
+        return {**dataclasses.asdict(self), "token_list": self.token_list}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "OverheadConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = sys.modules[__name__].__doc__
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc[doc.index("Examples:"):],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_flags(parser, OverheadConfig)
+    return parser
+
+
+def resolve_config(flags: dict) -> OverheadConfig:
+    """Defaults < ``--quick`` < ``--preset`` < the flags given (``flags``: only those)."""
+    values = dict(QUICK) if flags.get("quick") else {}
+    values.update(PRESETS.get(flags.get("preset"), {}))
+    values.update(flags)
+    return OverheadConfig(**values).resolved()
+
+
+def parse_args(argv=None) -> OverheadConfig:
+    """The resolved config of a command line; bad flags end with the usage and exit code 2."""
+    parser = build_parser()
+    try:
+        return resolve_config(vars(parser.parse_args(argv)))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 # ----------------------------------------------------------------------------------------------- setup
 
 
-def resolve_config(args) -> dict:
-    """Flags < preset/--quick < explicit flags. Returns a JSON-able dict shared by driver and workers."""
-    cfg = dict(DEFAULTS)
-    if args.quick:
-        cfg.update(QUICK)
-    if args.preset:
-        cfg.update(PRESETS[args.preset])
-    for key in DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None:
-            cfg[key] = value
-    cfg["device"] = args.device
-    cfg["threads"] = args.threads
-    cfg["timer"] = args.timer or "wall"
-    if cfg["timer"] == "cpu" and cfg["device"] != "cpu":
-        raise SystemExit("--timer cpu measures host CPU time; use the default wall timer with --device cuda")
-    if cfg["mem_jobs"] is None:
-        # Memory processes may overlap on CPU (each measures only itself); on a GPU they would share the device.
-        cfg["mem_jobs"] = 1 if cfg["device"] == "cuda" else min(2, os.cpu_count() or 1)
-    if cfg["intermediate_size"] is None:
-        cfg["intermediate_size"] = 2 * cfg["hidden_size"]
-    if cfg["entropy_compile"] == "auto":
-        # verl's FSDP engine wraps its entropy function in torch.compile by default (use_torch_compile=True);
-        # do that on CUDA. On CPU (where verl's engine does not run in production) it needs inductor's C++
-        # toolchain, ~15 s of compilation per process and ~200 MiB of compiler RSS: opt in with --entropy-compile on.
-        cfg["entropy_compile"] = "on" if cfg["device"] == "cuda" else "off"
-    cfg["quick"] = bool(args.quick)
-    cfg["preset"] = args.preset
-    token_list = [int(t) for t in args.sweep.split(",")] if args.sweep else [cfg["tokens"]]
-    cfg["token_list"] = sorted(set(token_list))
-    for tokens in cfg["token_list"]:
-        if tokens % cfg["seqs"] or tokens // cfg["seqs"] < 2:
-            raise SystemExit(f"--tokens/--sweep value {tokens} must be a multiple of --seqs {cfg['seqs']} (>= 2 each)")
-    if cfg["max_position_embeddings"] is None:
-        cfg["max_position_embeddings"] = max(4096, max(cfg["token_list"]))
-    return cfg
-
-
 def torch_dtype(name: str):
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "float64": torch.float64}[name]
 
 
-def build_model(cfg: dict):
-    """HF Qwen2ForCausalLM with random weights from a config (same recipe as erc_verl.seams.testing.tiny_qwen2)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def build_model(cfg: OverheadConfig):
+    """The benchmark's Qwen2 (``erc_verl.demo.task.tiny_qwen2`` at the configured shape), in training mode."""
+    from erc_verl.demo.task import tiny_qwen2
 
-    torch.manual_seed(cfg["seed"])
-    config = Qwen2Config(
-        vocab_size=cfg["vocab"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["kv_heads"],
-        max_position_embeddings=cfg["max_position_embeddings"],
-        rope_theta=cfg["rope_theta"],
-        rms_norm_eps=cfg["rms_norm_eps"],
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    with torch.device(cfg["device"]):
-        model = Qwen2ForCausalLM(config)
-    model = model.to(torch_dtype(cfg["dtype"]))
-    if cfg["gradient_checkpointing"]:
+    model = tiny_qwen2(vocab_size=cfg.vocab, hidden_size=cfg.hidden_size, num_layers=cfg.layers,
+                       num_heads=cfg.heads, num_kv_heads=cfg.kv_heads, intermediate_size=cfg.intermediate_size,
+                       seed=cfg.seed, device=cfg.device, dtype=torch_dtype(cfg.dtype), rope_theta=cfg.rope_theta,
+                       rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings)
+    if cfg.gradient_checkpointing:
         # verl enables this for actors via actor_rollout_ref.model.enable_gradient_checkpointing (non-reentrant).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
 
-def build_batch(cfg: dict, tokens: int):
+def build_batch(cfg: OverheadConfig, tokens: int):
     """A verl update micro-batch of ``seqs`` full sequences, ``tokens`` tokens in all, packed by verl's
-    ``left_right_2_no_padding`` (fields as in erc_verl.seams.testing.update_batch, but fixed lengths so the packed
-    micro-batch holds exactly ``tokens`` tokens).
+    ``left_right_2_no_padding`` with the non-tensor keys verl's engine adds before the loss (fixed lengths, so the
+    packed micro-batch holds exactly ``tokens`` tokens).
 
     old_log_probs / old_entropy are what a near-uniform random-weight policy gives (-log V, log V), jittered,
     so the ERC gate keeps some tokens and drops others; the cost does not depend on which.
@@ -186,11 +273,11 @@ def build_batch(cfg: dict, tokens: int):
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding
 
-    seqs, vocab = cfg["seqs"], cfg["vocab"]
+    seqs, vocab = cfg.seqs, cfg.vocab
     seq_len = tokens // seqs
-    response_len = min(seq_len - 1, max(1, round(seq_len * cfg["response_frac"])))
+    response_len = min(seq_len - 1, max(1, round(seq_len * cfg.response_frac)))
     prompt_len = seq_len - response_len
-    g = torch.Generator().manual_seed(cfg["seed"] + tokens)
+    g = torch.Generator().manual_seed(cfg.seed + tokens)
     prompts = torch.randint(1, vocab, (seqs, prompt_len), generator=g)
     responses = torch.randint(1, vocab, (seqs, response_len), generator=g)
     attention_mask = torch.ones(seqs, seq_len, dtype=torch.long)
@@ -220,10 +307,10 @@ def build_batch(cfg: dict, tokens: int):
     return td
 
 
-def actor_config(cfg: dict, loss_mode: str):
+def actor_config(cfg: OverheadConfig, loss_mode: str):
     common = dict(
-        ppo_mini_batch_size=cfg["seqs"],
-        ppo_micro_batch_size_per_gpu=cfg["seqs"],
+        ppo_mini_batch_size=cfg.seqs,
+        ppo_micro_batch_size_per_gpu=cfg.seqs,
         rollout_n=1,
         clip_ratio_low=0.2,
         clip_ratio_high=0.28,  # DAPO clip-higher
@@ -241,28 +328,28 @@ def actor_config(cfg: dict, loss_mode: str):
     return ERCFSDPActorConfig(**common, entropy_mask_low=0.95, entropy_mask_high=1.05)
 
 
-def make_engine(cfg: dict, model, *, seam: bool):
-    """verl's FSDPEngineWithLMHead (erc_verl.seams.testing.cpu_lm_engine); entropy function chosen and compiled as
-    verl's ``FSDPEngine.__init__`` does; ERC seam installed with the plugin's own ``enable_detached_entropy``."""
+def make_engine(cfg: OverheadConfig, model, *, seam: bool):
+    """verl's FSDPEngineWithLMHead (``engine_rig.cpu_lm_engine``); entropy function chosen and compiled as verl's
+    ``FSDPEngine.__init__`` does; ERC seam installed with the plugin's own ``enable_detached_entropy``."""
     import torch
 
     from verl.utils import torch_functional as verl_F
 
+    from erc_verl.bench.engine_rig import cpu_lm_engine
     from erc_verl.seams.engine import enable_detached_entropy
-    from erc_verl.seams.testing import cpu_lm_engine
 
-    engine = cpu_lm_engine(model, entropy_from_logits_with_chunking=cfg["entropy_chunking"],
-                           entropy_from_logits_chunk_size=cfg["entropy_chunk_size"],
-                           use_torch_compile=cfg["entropy_compile"] == "on")
-    if cfg["entropy_compile"] == "on":
-        fn = verl_F.entropy_from_logits_with_chunking if cfg["entropy_chunking"] else verl_F.entropy_from_logits
+    compiled = cfg.entropy_compile == "on"
+    engine = cpu_lm_engine(model, entropy_from_logits_with_chunking=cfg.entropy_chunking,
+                           entropy_from_logits_chunk_size=cfg.entropy_chunk_size, use_torch_compile=compiled)
+    if compiled:
+        fn = verl_F.entropy_from_logits_with_chunking if cfg.entropy_chunking else verl_F.entropy_from_logits
         engine.compute_entropy_from_logits = torch.compile(fn, dynamic=True)
     if seam:
         enable_detached_entropy(engine)
     return engine
 
 
-def make_variant(cfg: dict, name: str, model, td):
+def make_variant(cfg: OverheadConfig, name: str, model, td):
     """(engine, micro-batch, loss function) of one variant; the micro-batch is a shallow copy with its flags."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
@@ -288,47 +375,41 @@ def make_variant(cfg: dict, name: str, model, td):
     return engine, micro_batch, loss_fn
 
 
-def device_context(cfg: dict):
-    if cfg["device"] == "cpu":
-        from erc_verl.seams.testing import engine_on_cpu
+def device_context(cfg: OverheadConfig):
+    if cfg.device == "cpu":
+        from erc_verl.bench.engine_rig import engine_on_cpu
 
         return engine_on_cpu()
     return nullcontext()
 
 
-def synchronize(cfg: dict) -> None:
-    if cfg["device"] == "cuda":
+def synchronize(cfg: OverheadConfig) -> None:
+    if cfg.device == "cuda":
         import torch
 
         torch.cuda.synchronize()
 
 
-def micro_step(cfg: dict, model, engine, micro_batch, loss_fn) -> tuple[float, float]:
-    """One actor micro-step as verl's forward_backward_batch runs it: forward_step (model, outputs, loss), backward.
-
-    Returns (wall seconds, process CPU seconds). CPU time is what the step cost this process's threads and is far
-    less sensitive than wall time to other jobs on a shared CPU machine (with --threads 1 it excludes time spent
-    descheduled; with more threads, OpenMP spin-waits count).
-    """
+def clear_grads(model) -> None:
+    """What ``optimizer.zero_grad`` does between steps (outside what is timed)."""
     for p in model.parameters():
         p.grad = None
-    synchronize(cfg)
-    start, start_cpu = time.perf_counter(), time.process_time()
+
+
+def micro_step(cfg: OverheadConfig, engine, micro_batch, loss_fn) -> None:
+    """One actor micro-step as verl's forward_backward_batch runs it: forward_step (model, outputs, loss), backward."""
     with device_context(cfg):
         loss, output = engine.forward_step(micro_batch, loss_function=loss_fn, forward_only=False)
     loss.backward()
-    synchronize(cfg)
-    elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     del loss, output
-    return elapsed, elapsed_cpu
 
 
-def setup_torch(cfg: dict) -> None:
+def setup_torch(cfg: OverheadConfig) -> None:
     import torch
 
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
 
 
@@ -344,27 +425,29 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def worker_main(variant: str, cfg: dict, tokens: int) -> dict:
-    """Fresh process: build, run warm-up + mem_steps micro-steps of one variant, report its peak memory."""
+def memory_process(cfg_json: dict, variant: str, tokens: int) -> dict:
+    """In a fresh interpreter: build, run warm-up + mem_steps micro-steps of one variant, report its peak memory."""
+    cfg = OverheadConfig.from_json(cfg_json)
     setup_torch(cfg)
     import torch
 
     model = build_model(cfg)
-    td = build_batch(cfg, tokens).to(cfg["device"])
+    td = build_batch(cfg, tokens).to(cfg.device)
     engine, micro_batch, loss_fn = make_variant(cfg, variant, model, td)
     gc.collect()
     result = dict(variant=variant, tokens=tokens, rss_after_build=current_rss_bytes(),
                   maxrss_after_build=peak_rss_bytes(), malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
-    if cfg["device"] == "cuda":
+    if cfg.device == "cuda":
         torch.cuda.synchronize()
         result["cuda_allocated_after_build"] = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    steps = max(1, cfg["warmup"]) + cfg["mem_steps"]
-    result["step_wall_s"], result["step_cpu_s"] = map(
-        list, zip(*[micro_step(cfg, model, engine, micro_batch, loss_fn) for _ in range(steps)]))
+    for _ in range(max(1, cfg.warmup) + cfg.mem_steps):
+        clear_grads(model)
+        micro_step(cfg, engine, micro_batch, loss_fn)
+    synchronize(cfg)
     result["maxrss"] = peak_rss_bytes()
     result["peak_reached_in_steps"] = result["maxrss"] > result["maxrss_after_build"]
-    if cfg["device"] == "cuda":
+    if cfg.device == "cuda":
         result["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
         result["peak"] = result["cuda_max_allocated"]
         result["base"] = result["cuda_allocated_after_build"]
@@ -376,64 +459,81 @@ def worker_main(variant: str, cfg: dict, tokens: int) -> dict:
     return result
 
 
-# glibc settings per process kind (see the module docstring); applied on CPU only.
-MALLOC_ENV = {
-    "pinned": {"MALLOC_MMAP_THRESHOLD_": "131072"},  # memory processes: peak RSS follows live tensors
-    "cached": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},  # timing: freed memory reused
-    "default": {},
-}
+def malloc_env(cfg: OverheadConfig, setting: str) -> dict[str, str]:
+    """The glibc malloc setting named (see the module docstring); CPU only."""
+    return MALLOC_ENV[setting] if cfg.device == "cpu" else {}
 
 
-def run_subprocess(worker_args: list[str], cfg: dict, malloc: str, live_stderr: bool = False) -> dict:
-    """Run this module as a fresh worker process with the given glibc setting; return its JSON result.
-    Inherited MALLOC_* and GLIBC_TUNABLES are dropped so each process runs with exactly the setting named.
-    ``live_stderr`` passes the worker's progress (and warnings) straight to this terminal."""
-    cmd = [sys.executable, "-m", "erc_verl.bench.overhead", *worker_args, "--worker-config", json.dumps(cfg)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    if cfg["device"] == "cpu":
-        env.update(MALLOC_ENV[malloc])
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if live_stderr else subprocess.PIPE, text=True,
-                          env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(WORKER_TAG)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + "\n" + (proc.stderr or "")[-8000:])
-        raise RuntimeError(f"worker {' '.join(worker_args)} failed with exit code {proc.returncode}")
-    return json.loads(lines[-1][len(WORKER_TAG):])
-
-
-def run_worker(variant: str, cfg: dict, tokens: int) -> dict:
-    return run_subprocess(["--worker", variant, "--worker-tokens", str(tokens)], cfg, cfg["mem_malloc"])
+def measure_memory(cfg: OverheadConfig, variant: str, tokens: int) -> dict:
+    return run_fresh("erc_verl.bench.overhead:memory_process", cfg.as_json(), variant, tokens,
+                     malloc_env=malloc_env(cfg, cfg.mem_malloc))
 
 
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def time_variants(cfg: dict, model, tokens: int, variants) -> dict[str, dict[str, list[float]]]:
-    td = build_batch(cfg, tokens).to(cfg["device"])
-    prepared = {name: make_variant(cfg, name, model, td) for name in variants}
-    for _ in range(cfg["warmup"]):
-        for name in variants:
-            micro_step(cfg, model, *prepared[name])
-    raw = {name: {"wall": [], "cpu": []} for name in variants}
-    for _ in range(cfg["reps"]):
-        for name in variants:  # round-robin: A B C A B C ...
+class StepClock:
+    """The clock ``torch.utils.benchmark`` reads at both ends of a timed block: wall time (after a CUDA sync on a
+    GPU), with the process CPU time noted at the same instants so that each timed step also has its CPU time.
+    CPU time is what the step cost this process's threads and is far less sensitive than wall time to other jobs
+    on a shared CPU machine (with --threads 1 it excludes time spent descheduled; with more, spin-waits count)."""
+
+    def __init__(self, cfg: OverheadConfig):
+        self.cfg = cfg
+        self.cpu = [0.0, 0.0]
+
+    def __call__(self) -> float:
+        synchronize(self.cfg)
+        self.cpu = [self.cpu[1], time.process_time()]
+        return timeit.default_timer()
+
+    def last_block_cpu_s(self) -> float:
+        return self.cpu[1] - self.cpu[0]
+
+
+def time_variants(cfg: OverheadConfig, model, tokens: int) -> dict[str, dict]:
+    """Every variant timed by its own ``torch.utils.benchmark.Timer``, rounds interleaved (see the docstring)."""
+    import torch
+    from torch.utils import benchmark
+
+    td = build_batch(cfg, tokens).to(cfg.device)
+    timers = {}
+    for name in cfg.variants:
+        clock = StepClock(cfg)
+        step = partial(micro_step, cfg, *make_variant(cfg, name, model, td))
+        timer = benchmark.Timer("step()", setup="clear_grads(model)", timer=clock, num_threads=torch.get_num_threads(),
+                                globals={"step": step, "clear_grads": clear_grads, "model": model},
+                                label="actor micro-step", sub_label=f"{tokens} tokens", description=name)
+        timers[name] = (timer, clock, step)
+    for _ in range(cfg.warmup):
+        for _, _, step in timers.values():
+            clear_grads(model)
+            step()
+    runs = {name: {"measurements": [], "cpu": []} for name in cfg.variants}
+    for _ in range(cfg.reps):
+        for name, (timer, clock, _) in timers.items():  # round-robin: A B C A B C ...
             gc.collect()
-            wall, cpu = micro_step(cfg, model, *prepared[name])
-            raw[name]["wall"].append(wall)
-            raw[name]["cpu"].append(cpu)
+            runs[name]["measurements"].append(timer.blocked_autorange(min_run_time=0))
+            runs[name]["cpu"].append(clock.last_block_cpu_s())
+    raw = {}
+    for name, run in runs.items():
+        (merged,) = benchmark.Measurement.merge(run["measurements"])
+        raw[name] = {"wall": [m.median for m in run["measurements"]], "cpu": run["cpu"],
+                     "median_wall_s": merged.median, "iqr_wall_s": merged.iqr}
     return raw
 
 
-def timing_main(cfg: dict, variants: list[str]) -> dict:
-    """Fresh process: one model, every token count timed, variants interleaved."""
+def timing_process(cfg_json: dict) -> dict:
+    """In a fresh interpreter: one model, every token count timed, variants interleaved."""
+    cfg = OverheadConfig.from_json(cfg_json)
     setup_torch(cfg)
     import torch
 
     model = build_model(cfg)
     load_before = os.getloadavg()
     raw = {}
-    for tokens in cfg["token_list"]:
-        raw[tokens] = time_variants(cfg, model, tokens, variants)
+    for tokens in cfg.token_list:
+        raw[tokens] = time_variants(cfg, model, tokens)
         print(f"  timing process: tokens={tokens} done", file=sys.stderr, flush=True)
     return {"raw": raw, "threads": torch.get_num_threads(), "loadavg_before_after": [load_before, os.getloadavg()],
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
@@ -451,16 +551,18 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values)
 
 
-def summarize(cfg: dict, tokens: int, raw: dict, mem: dict) -> dict:
-    timer = cfg["timer"]
-    entry: dict = {"tokens": tokens, "vocab": cfg["vocab"], "timer": timer, "variants": {}}
+def summarize(cfg: OverheadConfig, tokens: int, raw: dict, mem: dict) -> dict:
+    timer = cfg.timer
+    entry: dict = {"tokens": tokens, "vocab": cfg.vocab, "timer": timer, "variants": {}}
     for name in VARIANTS:
         if name not in raw:
             continue
         wall, cpu = raw[name]["wall"], raw[name]["cpu"]
         v = {
-            "median_s": statistics.median(raw[name][timer]),  # the timer the ratios and the check use
-            "median_wall_s": statistics.median(wall),
+            # the timer the ratios and the check use
+            "median_s": raw[name]["median_wall_s"] if timer == "wall" else statistics.median(cpu),
+            "median_wall_s": raw[name]["median_wall_s"],  # torch.utils.benchmark's Measurement.median
+            "iqr_wall_s": raw[name]["iqr_wall_s"],
             "min_wall_s": min(wall),
             "spread_wall": spread(wall),
             "median_cpu_s": statistics.median(cpu),
@@ -526,15 +628,15 @@ def device_name(device: str) -> str:
         return platform.processor() or platform.machine()
 
 
-def print_table(cfg: dict, entries: list[dict], out=sys.stdout) -> None:
-    metric = "cuda max_memory_allocated" if cfg["device"] == "cuda" else "peak RSS (ru_maxrss)"
-    cpu_cols = cfg["device"] == "cpu"
+def print_table(cfg: OverheadConfig, entries: list[dict], out=sys.stdout) -> None:
+    metric = "cuda max_memory_allocated" if cfg.device == "cuda" else "peak RSS (ru_maxrss)"
+    cpu_cols = cfg.device == "cpu"
     header = (f"\n{'tokens':>6}  {'variant':<13} {'wall med ms':>11} {'min ms':>8} {'spread':>6} {'wall x':>6} "
               f"{'paired x':>8}")
     if cpu_cols:
         header += f"  {'cpu med ms':>10} {'cpu x':>6}"
     header += f"  {'peak MiB':>8} {'base MiB':>8} {'mem x':>6} {'(peak-base) x':>13}"
-    print(f"\nmachine: {device_name(cfg['device'])}, {os.cpu_count()} cpu(s), {cfg['threads'] or 'default'} torch "
+    print(f"\nmachine: {device_name(cfg.device)}, {os.cpu_count()} cpu(s), {cfg.threads or 'default'} torch "
           "thread(s)", file=out)
     print(header, file=out)
     for e in entries:
@@ -551,11 +653,12 @@ def print_table(cfg: dict, entries: list[dict], out=sys.stdout) -> None:
             if peak is not None and dapo["peak_mem_bytes"] > dapo["base_mem_bytes"]:
                 dx = f"{(peak - base) / (dapo['peak_mem_bytes'] - dapo['base_mem_bytes']):.3f}"
             print(line + f"  {mib(peak):>8} {mib(base):>8} {mx:>6} {dx:>13}", file=out)
-    print(f"time: medians of {cfg['reps']} interleaved rounds after {cfg['warmup']} warm-up step(s); spread = "
+    print(f"time: torch.utils.benchmark medians of {cfg.reps} interleaved rounds after {cfg.warmup} warm-up "
+          f"step(s); spread = "
           f"(max-min)/median of wall; 'x' = / dapo; 'paired x' = median over rounds of step / dapo's step in the "
-          f"same round ({cfg['timer']} time).", file=out)
-    alloc = f", glibc mmap threshold {cfg['mem_malloc']}" if cfg["device"] == "cpu" else ""
-    print(f"memory: {metric}{alloc}, median peak of {cfg['mem_runs']} fresh process(es) per variant (all runs in "
+          f"same round ({cfg.timer} time).", file=out)
+    alloc = f", glibc mmap threshold {cfg.mem_malloc}" if cfg.device == "cpu" else ""
+    print(f"memory: {metric}{alloc}, median peak of {cfg.mem_runs} fresh process(es) per variant (all runs in "
           "the JSON); base = after model+batch build; 'mem x' = peak / dapo peak (nothing subtracted); "
           "'(peak-base) x' = growth during the steps / dapo's.", file=out)
     if any(len(v.get("peak_mem_runs_bytes", [])) > 1 for e in entries for v in e["variants"].values()):
@@ -565,10 +668,10 @@ def print_table(cfg: dict, entries: list[dict], out=sys.stdout) -> None:
                 for n, v in e["variants"].items() if "peak_mem_runs_bytes" in v) + " MiB", file=out)
 
 
-def contention_note(cfg: dict, entries: list[dict], threads: int) -> tuple[float | None, str | None]:
+def contention_note(cfg: OverheadConfig, entries: list[dict], threads: int) -> tuple[float | None, str | None]:
     """CPU time / (wall time x threads) over all timed steps: ~1 on an idle machine, lower when other processes
     took the cores (descheduled threads accumulate no CPU time)."""
-    if cfg["device"] != "cpu":
+    if cfg.device != "cpu":
         return None, None
     wall = sum(sum(v["raw_wall_s"]) for e in entries for v in e["variants"].values())
     cpu = sum(sum(v["raw_cpu_s"]) for e in entries for v in e["variants"].values())
@@ -581,98 +684,36 @@ def contention_note(cfg: dict, entries: list[dict], threads: int) -> tuple[float
     return utilization, None
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"small CPU config, ~1.5-2 min on 2 idle cores: {QUICK}")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="model/token shapes of a real model (random weights)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--hidden-size", dest="hidden_size", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--kv-heads", dest="kv_heads", type=int)
-    p.add_argument("--intermediate-size", dest="intermediate_size", type=int, help="default 2 x hidden")
-    p.add_argument("--vocab", type=int, help=f"vocabulary size (default {REAL_VOCAB}, Qwen2's)")
-    p.add_argument("--tokens", type=int, help="packed tokens in the micro-batch (prompt + response)")
-    p.add_argument("--seqs", type=int, help="sequences in the micro-batch (tokens split evenly)")
-    p.add_argument("--response-frac", dest="response_frac", type=float, help="response share of each sequence")
-    p.add_argument("--sweep", help="comma-separated token counts, e.g. 256,512,1024 (overrides --tokens)")
-    p.add_argument("--reps", type=int, help="timed rounds (each runs every variant once)")
-    p.add_argument("--warmup", type=int, help="untimed steps per variant before the timed rounds")
-    p.add_argument("--mem-steps", dest="mem_steps", type=int, help="steps after warm-up in each memory process")
-    p.add_argument("--mem-runs", dest="mem_runs", type=int,
-                   help="fresh processes per variant (median peak is used; default 2, GPU preset 1)")
-    p.add_argument("--mem-malloc", dest="mem_malloc", choices=("pinned", "default"),
-                   help="CPU memory processes: pin glibc's mmap threshold at 128 KiB (default) or leave glibc's "
-                        "dynamic threshold (noisier peak RSS)")
-    p.add_argument("--time-malloc", dest="time_malloc", choices=("cached", "default"),
-                   help="CPU timing process: glibc keeps freed memory for reuse, as a caching allocator does "
-                        "(default), or glibc's default (every step re-faults its logits-sized buffers: noisy)")
-    p.add_argument("--mem-jobs", dest="mem_jobs", type=int,
-                   help="memory processes run at once (default 2 on cpu, 1 on cuda)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
-    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    p.add_argument("--entropy-compile", dest="entropy_compile", choices=("auto", "on", "off"),
-                   help="torch.compile verl's entropy function as verl's engine does (auto: on for cuda, off for cpu)")
-    p.add_argument("--entropy-chunking", dest="entropy_chunking", action="store_true", default=None,
-                   help="engine config entropy_from_logits_with_chunking=True")
-    p.add_argument("--entropy-chunk-size", dest="entropy_chunk_size", type=int,
-                   help="engine config entropy_from_logits_chunk_size (rows; verl's default 2048)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--timer", choices=("wall", "cpu"), default=None,
-                   help="which medians the ratios and the check use (default wall; cpu = process CPU time, CPU only)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="subset to run (dapo is always included)")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-variant memory processes")
-    p.add_argument("--json", help="write results as JSON here")
-    p.add_argument("--check", action="store_true", help="exit 1 when the acceptance check fails")
-    p.add_argument("--worker", choices=(*VARIANTS, "timing"), help=argparse.SUPPRESS)
-    p.add_argument("--worker-tokens", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--worker-config", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
-
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker == "timing":
-        result = timing_main(json.loads(args.worker_config), args.variants.split(","))
-        print(WORKER_TAG + json.dumps(result), flush=True)
-        return 0
-    if args.worker:
-        result = worker_main(args.worker, json.loads(args.worker_config), args.worker_tokens)
-        print(WORKER_TAG + json.dumps(result), flush=True)
-        return 0
-
-    cfg = resolve_config(args)
-    variants = [v for v in VARIANTS if v == "dapo" or v in args.variants.split(",")]
+    cfg = parse_args(argv)
     started = time.time()
-    print(f"config: {json.dumps(cfg)}", flush=True)
+    print(f"config: {json.dumps(cfg.as_json())}", flush=True)
 
-    if cfg["device"] == "cuda":
+    if cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
 
     # Memory first, in fresh processes, then timing in another (only one model on a shared GPU at a time).
-    mem: dict[int, dict[str, dict]] = {t: {} for t in cfg["token_list"]}
-    if args.memory:
-        jobs = [(tokens, name) for tokens in cfg["token_list"] for _ in range(cfg["mem_runs"]) for name in variants]
-        with ThreadPoolExecutor(max_workers=cfg["mem_jobs"]) as pool:
-            for (tokens, name), result in zip(jobs, pool.map(lambda job: run_worker(job[1], cfg, job[0]), jobs)):
+    mem: dict[int, dict[str, list]] = {t: {} for t in cfg.token_list}
+    if cfg.memory:
+        jobs = [(tokens, name) for tokens in cfg.token_list for _ in range(cfg.mem_runs) for name in cfg.variants]
+        with ThreadPoolExecutor(max_workers=cfg.mem_jobs) as pool:
+            for (tokens, name), result in zip(jobs, pool.map(lambda job: measure_memory(cfg, job[1], job[0]), jobs)):
                 mem[tokens].setdefault(name, []).append(result)
                 print(f"  memory process {name:<13} tokens={tokens}: peak {mib(result['peak'])} MiB "
                       f"(base {mib(result['base'])} MiB)", flush=True)
 
-    timing = run_subprocess(["--worker", "timing", "--variants", ",".join(variants)], cfg, cfg["time_malloc"],
-                            live_stderr=True)
+    timing = run_fresh("erc_verl.bench.overhead:timing_process", cfg.as_json(),
+                       malloc_env=malloc_env(cfg, cfg.time_malloc), live_output=True)
     entries = []
-    for tokens in cfg["token_list"]:
+    for tokens in cfg.token_list:
         raw = timing["raw"][str(tokens)]
         entries.append(summarize(cfg, tokens, raw, mem[tokens]))
         print(f"  timed tokens={tokens}: " + ", ".join(
-            f"{n} {statistics.median(t['wall']) * 1e3:.1f} ms" for n, t in raw.items()), flush=True)
+            f"{n} {t['median_wall_s'] * 1e3:.1f} ms" for n, t in raw.items()), flush=True)
 
     import torch
     import transformers
@@ -690,8 +731,8 @@ def main(argv=None) -> int:
     head = entries[-1]  # the largest token count
     result = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": cfg["device"],
-        "device_name": device_name(cfg["device"]),
+        "device": cfg.device,
+        "device_name": device_name(cfg.device),
         "torch_threads": threads,
         "cpu_count": os.cpu_count(),
         "loadavg_before_after_timing": timing["loadavg_before_after"],
@@ -702,27 +743,27 @@ def main(argv=None) -> int:
         "versions": {"torch": torch.__version__, "verl": verl.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "config": cfg,
-        "memory_metric": "torch.cuda.max_memory_allocated" if cfg["device"] == "cuda" else "ru_maxrss",
+        "config": cfg.as_json(),
+        "memory_metric": "torch.cuda.max_memory_allocated" if cfg.device == "cuda" else "ru_maxrss",
         **{k: head[k] for k in head if k != "variants"},
         "variants": head["variants"],
         "sweep": entries if len(entries) > 1 else None,
     }
-    if "erc" in variants and args.memory:
-        result["check"] = c = check(head, cfg["device"])
-        scope = "" if (cfg["quick"] and cfg["device"] == "cpu") else " [the targets are defined for --quick on cpu]"
+    if "erc" in cfg.variants and cfg.memory:
+        result["check"] = c = check(head, cfg.device)
+        scope = "" if (cfg.quick and cfg.device == "cpu") else " [the targets are defined for --quick on cpu]"
         keys = ("time_ratio_erc", "time_ratio_paired_erc", "mem_ratio_erc", "time_ratio_graph_entropy",
                 "mem_ratio_graph_entropy")
         ratios = ", ".join(f"{k} {head[k]:.3f}" for k in keys if head.get(k) is not None)
-        print(f"\n{'PASS' if c['pass'] else 'FAIL'} (tokens={head['tokens']}, {cfg['timer']} time): {ratios} | "
+        print(f"\n{'PASS' if c['pass'] else 'FAIL'} (tokens={head['tokens']}, {cfg.timer} time): {ratios} | "
               + "; ".join(f"{k}: {'ok' if ok else 'NO'}" for k, ok in c["criteria"].items()) + scope)
     result["wall_s"] = time.time() - started
     print(f"wall {result['wall_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
+    if cfg.json:
+        with open(cfg.json, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    if args.check and not result.get("check", {}).get("pass", False):
+        print(f"wrote {cfg.json}")
+    if cfg.check and not result.get("check", {}).get("pass", False):
         return 1
     return 0
 

@@ -7,7 +7,6 @@
 - ``diagnostics``: opt-in sampled token records for the paper's scatter figures.
 - ``quiet``: verl's import-time notices off for our command lines.
 - ``cpu``: CPU mode, a platform in verl's platform registry (``VERL_PLATFORM=cpu``) plus vLLM-CPU settings.
-- ``testing``: real verl engine objects on CPU for tests and benchmarks.
 
 May import verl and ``erc_verl.algorithm``; never ``erc_verl.paper`` or ``erc_verl.demo`` (tests/test_layout.py).
 The entry point that uses them is ``erc_verl.main_ppo``.

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from erc_verl.bench import overhead
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_overhead.py"
 RATIOS = ("time_ratio_erc", "mem_ratio_erc", "time_ratio_graph_entropy", "mem_ratio_graph_entropy")
 VARIANTS = ("dapo", "erc", "graph_entropy")
@@ -71,3 +73,22 @@ def test_bench_overhead_sweep_reports_every_token_count(tmp_path):
         assert entry["mem_ratio_erc"] is None  # --no-memory: no memory processes, no memory ratios
     assert "check" not in result
     assert result["timing_malloc_env"] == {}
+
+
+def test_explicit_flags_override_quick_and_presets():
+    cfg = overhead.parse_args(["--quick", "--reps", "2"])
+    assert (cfg.reps, cfg.hidden_size, cfg.warmup) == (2, overhead.QUICK["hidden_size"], overhead.QUICK["warmup"])
+    cfg = overhead.parse_args(["--preset", "r1-distill-1.5b", "--no-gradient-checkpointing", "--device", "cuda"])
+    assert (cfg.layers, cfg.gradient_checkpointing, cfg.entropy_compile) == (28, False, "on")
+    cfg = overhead.parse_args(["--sweep", "64,32,64", "--variants", "erc", "--seqs", "2"])
+    assert (cfg.token_list, cfg.variants, cfg.max_position_embeddings) == ([32, 64], ("dapo", "erc"), 4096)
+    assert overhead.OverheadConfig.from_json(json.loads(json.dumps(cfg.as_json()))) == cfg  # what a process gets
+
+
+@pytest.mark.parametrize("argv", [["--tokens", "63"], ["--timer", "cpu", "--device", "cuda"], ["--variants", "erc,x"],
+                                  ["--reps", "0"], ["--response-frac", "1"], ["--dtype", "float64"],
+                                  ["--sweep", "32,x"]])
+def test_bad_flags_exit_2_with_the_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        overhead.parse_args(argv)
+    assert exit_.value.code == 2 and "usage:" in capsys.readouterr().err

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from support.wheel import build_wheel
+
 ROOT = Path(__file__).resolve().parents[2]
 KIT = ROOT / "scripts" / "gpu_kit"
 SCRIPT = ROOT / "scripts" / "gpu_evidence.sh"
@@ -79,19 +81,7 @@ def link_distributions(wanted: set[str], dest: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def erc_wheel(tmp_path_factory):
     """erc_verl's wheel, built from a clean copy as ``prepare`` builds it."""
-    import shutil
-
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("erc_verl", "configs"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp / "dist"), str(src)], check=True, capture_output=True, timeout=240)
-    (wheel,) = (tmp / "dist").glob("erc_verl-*.whl")
-    return wheel
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def test_carry_list_pins_what_the_cpu_stack_pins():

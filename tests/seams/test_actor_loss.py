@@ -13,7 +13,9 @@ from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
 from erc_verl.seams.actor_loss import ppo_loss_with_entropy
 from erc_verl.seams.engine import DETACHED_ENTROPY_KEY, enable_detached_entropy
 from erc_verl.algorithm.config import ERCFSDPActorConfig
-from erc_verl.seams.testing import cpu_lm_engine, engine_on_cpu, padded_update_batch, tiny_qwen2, update_batch
+from erc_verl.bench.engine_rig import cpu_lm_engine, engine_on_cpu
+
+from support.objects import padded_update_batch, tiny_qwen2, update_batch
 
 
 def actor_config(loss_mode, **kw):

@@ -17,7 +17,9 @@ from erc_verl.seams.engine import (
     check_verl_version,
     enable_detached_entropy,
 )
-from erc_verl.seams.testing import cpu_lm_engine, engine_on_cpu, tiny_qwen2, update_batch
+from erc_verl.bench.engine_rig import cpu_lm_engine, engine_on_cpu
+
+from support.objects import tiny_qwen2, update_batch
 
 
 def capture_outputs(engine, td, **flags):

@@ -18,7 +18,9 @@ from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_pad
 from erc_verl.seams.actor_loss import ppo_loss_with_entropy
 from erc_verl.algorithm.config import ERCFSDPActorConfig
 from erc_verl.algorithm.gate import entropy_ratio
-from erc_verl.seams.testing import cpu_lm_engine, engine_on_cpu, padded_update_batch, tiny_qwen2
+from erc_verl.bench.engine_rig import cpu_lm_engine, engine_on_cpu
+
+from support.objects import padded_update_batch, tiny_qwen2
 
 ERC_KEYS = ["actor/erc_clipfrac", "actor/erc_clipfrac_upper", "actor/erc_clipfrac_lower", "actor/entropy_ratio_mean",
             "actor/entropy_ratio_std", "actor/entropy_ratio_min", "actor/entropy_ratio_max"]

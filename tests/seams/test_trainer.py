@@ -3,7 +3,7 @@
 The trainers' own methods run for real (verl's `_compute_old_log_prob` / `_update_actor` with our
 overrides, real TransferQueue on a local Ray cluster for V1). The actor worker group is replaced by an
 in-process stand-in, because verl's workers need GPUs: it runs verl's FSDP engine code on CPU
-(erc_verl.seams.testing) the way the worker would, and the update runs the ERC actor loss on what arrives.
+(erc_verl.bench.engine_rig) the way the worker would, and the update runs the ERC actor loss on what arrives.
 """
 
 from functools import partial
@@ -21,8 +21,10 @@ from verl.workers.utils.padding import no_padding_2_padding, response_to_nested
 from erc_verl.seams.actor_loss import ppo_loss_with_entropy
 from erc_verl.configs import CONFIG_DIR
 from erc_verl.seams.engine import DETACHED_ENTROPY_KEY, enable_detached_entropy
-from erc_verl.seams.testing import cpu_lm_engine, engine_on_cpu, padded_update_batch, tiny_qwen2, update_batch
+from erc_verl.bench.engine_rig import cpu_lm_engine, engine_on_cpu
 from erc_verl.seams.trainer import ERCRayPPOTrainer, ERCTrainerV1Mixin, erc_v1_trainer_cls
+
+from support.objects import padded_update_batch, tiny_qwen2, update_batch
 
 
 def erc_config(loss_mode="grpo_erc", *overrides):
