@@ -194,8 +194,8 @@ class OverheadConfig:
             # verl's FSDP engine wraps its entropy function in torch.compile by default (use_torch_compile=True); do
             # that on CUDA. On CPU (where verl's engine does not run in production) it needs inductor's C++
             # toolchain, ~15 s of compilation per process and ~200 MiB of compiler RSS: opt in with "on".
-            entropy_compile=({"auto": "on" if self.device == "cuda" else "off"}.get(self.entropy_compile,
-                                                                                    self.entropy_compile)),
+            entropy_compile=(self.entropy_compile if self.entropy_compile != "auto"
+                             else "on" if self.device == "cuda" else "off"),
         )
 
     def as_json(self) -> dict:
@@ -208,8 +208,7 @@ class OverheadConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    doc = sys.modules[__name__].__doc__
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc[doc.index("Examples:"):],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(parser, OverheadConfig)
     return parser
