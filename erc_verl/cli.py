@@ -8,11 +8,11 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Each command's flags come from its config dataclass (erc_verl.demo.commands); a value the config refuses is
+    """Each command's flags come from its config dataclass (erc_verl.flags); a value the config refuses is
     reported by that command's parser: its usage, one line, exit 2."""
     from erc_verl import __version__
     from erc_verl.demo import demo, sweep
-    from erc_verl.demo.commands import add_config_arguments, config_from_args
+    from erc_verl.flags import add_dataclass_flags, config_from_args
 
     parser = argparse.ArgumentParser(prog="erc-verl", description="Entropy Ratio Clipping (ERC) for verl.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sweep", sweep, sweep.SweepConfig, "DAPO vs DAPO+ERC under growing off-policy drift, several seeds"),
     ):
         command = sub.add_parser(name, help=summary, description=module.__doc__.split("\n\n")[0])
-        add_config_arguments(command, config_class)
+        add_dataclass_flags(command, config_class)
         command.set_defaults(handler=lambda args, module=module, command=command, config_class=config_class:
                              module.run(config_from_args(command, config_class, args)))
     return parser

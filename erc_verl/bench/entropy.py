@@ -27,7 +27,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from erc_verl.bench.flags import add_dataclass_flags, option
+from erc_verl.flags import add_dataclass_flags, option
 from erc_verl.bench.fresh import MALLOC_ENV, run_fresh
 from erc_verl.bench.overhead import device_name
 

@@ -74,7 +74,7 @@ from functools import partial
 from typing import Literal, Optional
 
 from erc_verl.bench.fresh import MALLOC_ENV, run_fresh
-from erc_verl.bench.flags import add_dataclass_flags, option
+from erc_verl.flags import add_dataclass_flags, option
 
 VARIANTS = ("dapo", "erc", "graph_entropy")
 REAL_VOCAB = 151_936

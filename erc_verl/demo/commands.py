@@ -1,22 +1,17 @@
-"""What ``erc-verl demo`` and ``erc-verl sweep`` share: flags generated from a typed config and the checks of
-their values, the ERC band handed to the recipes, and the check of a finished arm's metrics.
+"""What ``erc-verl demo`` and ``erc-verl sweep`` share: the checks of their config values, the ERC band handed to the recipes, and the check of a finished arm's metrics.
 
-Each command's options are one dataclass whose fields carry their help (``field(metadata={"help": ...})``, as
-verl's and TRL's configs do); :func:`add_config_arguments` makes the ``--flags`` from it and the dataclass's
-``__post_init__`` is the one place their values are checked, raising ``ValueError`` naming the flag, which
-:func:`config_from_args` turns into argparse's usage error (exit 2).
+Each command's options are one dataclass whose fields carry their help (:func:`erc_verl.flags.option`, as verl's
+and TRL's configs do); :mod:`erc_verl.flags` makes the ``--flags`` from it, and the dataclass's ``__post_init__`` is
+the one place their values are checked, raising a ``ValueError`` naming the flag (argparse's usage error, exit 2).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
-import typing
-from typing import Any
 
 from erc_verl.algorithm.config import ERCFSDPActorConfig
 from erc_verl.algorithm.gate import ERCBounds
+from erc_verl.flags import option
 
 ERC_ARMS = ("dapo_erc", "gppo_erc")  # the recipes that gate with ERC (and log its metrics and token diagnostics)
 
@@ -26,55 +21,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> argparse.ArgumentParser:
-    """One flag per field of ``config_class``: its help, argument group (``metadata["group"]``), parser
-    (``metadata["parse"]``, else the field's type) and metavar come from the field; ``bool`` fields are switches."""
-    hints = typing.get_type_hints(config_class)
-    groups: dict[str, Any] = {}
-    for field in dataclasses.fields(config_class):
-        meta = field.metadata
-        target = parser
-        if "group" in meta:
-            if meta["group"] not in groups:
-                groups[meta["group"]] = parser.add_argument_group(meta["group"])
-            target = groups[meta["group"]]
-        help_text = meta["help"].replace("%", "%%")  # argparse formats help with %
-        if hints[field.name] is bool:
-            target.add_argument(flag(field.name), action="store_true", help=help_text)
-            continue
-        if field.default is not None:
-            help_text += f" (default: {meta.get('show', _show)(field.default)})"
-        kind = hints[field.name]
-        if type(None) in typing.get_args(kind):  # Optional[int]: a preset fills it in; the flag takes an int
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        target.add_argument(flag(field.name), type=meta.get("parse", kind), default=field.default,
-                            metavar=meta.get("metavar"), help=help_text)
-    return parser
-
-
-def _show(default) -> str:
-    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
-
-
-def config_from_args(parser: argparse.ArgumentParser, config_class: type, args: argparse.Namespace):
-    """The config of the parsed flags; a value the config refuses is a usage error: usage, one line, exit 2."""
-    try:
-        return config_class(**{field.name: getattr(args, field.name) for field in dataclasses.fields(config_class)})
-    except ValueError as error:
-        parser.error(str(error))
-
-
 def comma_list(text: str) -> tuple[str, ...]:
     """``--arms dapo, dapo_erc`` -> ("dapo", "dapo_erc")."""
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def erc_bound(which: str, **metadata):
+def erc_bound(which: str, **metadata) -> float:
     """The --erc-low / --erc-high field: the ERC recipes' ENTROPY_MASK_LOW / _HIGH (see :func:`erc_env`), by
     default the actor config's (the paper's band)."""
     key = f"entropy_mask_{which}"
-    return dataclasses.field(default=getattr(ERCFSDPActorConfig, key), metadata={
-        "help": f"the ERC recipes' {key} (the default is the paper's)", **metadata})
+    return option(getattr(ERCFSDPActorConfig, key), f"the ERC recipes' {key} (the default is the paper's)", **metadata)
 
 
 def check_erc_band(low: float, high: float) -> None:

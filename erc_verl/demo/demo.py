@@ -23,12 +23,13 @@ import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from erc_verl.demo.commands import (ERC_ARMS, check_arm, check_arms, check_erc_band, check_group_size, check_out_dir,
                                     check_positive, comma_list, erc_bound, erc_env)
 from erc_verl.demo.recipe_run import CPU_RECIPES, Finished
+from erc_verl.flags import option
 
 # --quick is the smoke-test size (CI runs it), the default the one the README reports. Where their time goes (mostly
 # a dozen processes per arm each importing torch/verl/vLLM, not the steps): docs/performance.md, "The demo's own time".
@@ -48,35 +49,27 @@ class DemoConfig:
     """``erc-verl demo``'s options, one field per flag (``eval_every`` is ``--eval-every``); the size fields left
     None are filled in from the preset (``quick`` or the default)."""
 
-    out: str = field(default="./erc_demo", metadata={"help": "output directory (created; its files are overwritten)"})
-    arms: tuple[str, ...] = field(default=("dapo", "dapo_erc"), metadata={
-        "help": f"comma-separated recipes to train, from: {', '.join(CPU_RECIPES)}", "parse": comma_list,
-        "metavar": "RECIPES"})
-    seed: int = field(default=0, metadata={"help": "seed of the warm-up, the data order and vLLM sampling"})
-    quick: bool = field(default=False, metadata={
-        "help": f"small preset ({PRESETS['quick']['steps']} steps) for smoke tests and CI"})
-    steps: Optional[int] = field(default=None, metadata={"help": "RL steps per arm" + _preset("steps"), "group": SIZE})
-    prompts: Optional[int] = field(default=None, metadata={
-        "help": "prompts per rollout batch (data.train_batch_size)" + _preset("prompts"), "group": SIZE})
-    n: Optional[int] = field(default=None, metadata={
-        "help": "samples per prompt (actor_rollout_ref.rollout.n)" + _preset("n"), "group": SIZE})
-    minibatches: Optional[int] = field(default=None, metadata={
-        "help": "optimizer steps per rollout batch: off-policy updates (prompts / ppo_mini_batch_size)"
-                + _preset("minibatches"), "group": SIZE})
-    eval_every: Optional[int] = field(default=None, metadata={
-        "help": "validate every N steps (and before RL)" + _preset("eval_every"), "group": SIZE})
-    val_n: int = field(default=8, metadata={"help": "validation samples per problem (accuracy is their mean)",
-                                            "group": SIZE})
-    lr: float = field(default=1e-4, metadata={"help": "actor learning rate (the default is recipe/cpu_tiny.sh's)",
-                                              "group": "algorithm"})
+    out: str = option("./erc_demo", "output directory (created; its files are overwritten)")
+    arms: tuple[str, ...] = option(("dapo", "dapo_erc"), f"comma-separated recipes to train, from: {', '.join(CPU_RECIPES)}",
+                                   parse=comma_list, metavar="RECIPES")
+    seed: int = option(0, "seed of the warm-up, the data order and vLLM sampling")
+    quick: bool = option(False, f"small preset ({PRESETS['quick']['steps']} steps) for smoke tests and CI")
+    steps: Optional[int] = option(None, "RL steps per arm" + _preset("steps"), group=SIZE)
+    prompts: Optional[int] = option(None, "prompts per rollout batch (data.train_batch_size)" + _preset("prompts"),
+                                    group=SIZE)
+    n: Optional[int] = option(None, "samples per prompt (actor_rollout_ref.rollout.n)" + _preset("n"), group=SIZE)
+    minibatches: Optional[int] = option(None, "optimizer steps per rollout batch: off-policy updates "
+                                        "(prompts / ppo_mini_batch_size)" + _preset("minibatches"), group=SIZE)
+    eval_every: Optional[int] = option(None, "validate every N steps (and before RL)" + _preset("eval_every"),
+                                       group=SIZE)
+    val_n: int = option(8, "validation samples per problem (accuracy is their mean)", group=SIZE)
+    lr: float = option(1e-4, "actor learning rate (the default is recipe/cpu_tiny.sh's)", group="algorithm")
     erc_low: float = erc_bound("low", group="algorithm")
     erc_high: float = erc_bound("high", group="algorithm")
-    warmup_steps: int = field(default=150, metadata={"help": "supervised warm-up steps before RL",
-                                                     "group": "tiny world"})
-    tokens_per_step: int = field(default=256, metadata={"help": "diagnostic tokens sampled per loss call",
-                                                        "group": "tiny world"})
-    jobs: int = field(default=2, metadata={"help": "arms trained at once (each ~6 GB of memory)"})
-    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
+    warmup_steps: int = option(150, "supervised warm-up steps before RL", group="tiny world")
+    tokens_per_step: int = option(256, "diagnostic tokens sampled per loss call", group="tiny world")
+    jobs: int = option(2, "arms trained at once (each ~6 GB of memory)")
+    progress: bool = option(True, "the progress bar")
 
     def __post_init__(self):
         """The one check of the options, before anything starts: a refusal names the flag and the fix."""
@@ -188,7 +181,7 @@ def run(s: DemoConfig) -> dict:
           f"{s.out}/<arm>/train.log)",
           flush=True)
 
-    progress = Progress(s.arms, s.steps, enabled=not s.no_progress)
+    progress = Progress(s.arms, s.steps, enabled=s.progress)
     try:
         # exits in reverse: a failure or signal kills every run before the pool waits for its threads
         with ThreadPoolExecutor(max_workers=s.jobs) as pool, runs_stopped_on_exit():

@@ -19,13 +19,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
 
 from erc_verl.demo.commands import (check_arm, check_arms, check_erc_band, check_group_size, check_out_dir,
                                     check_positive, comma_list, erc_bound, erc_env)
+from erc_verl.flags import option
 
 REPORTED = (  # run_summary key, label
     ("entropy_fluct", "entropy fluctuation"),
@@ -56,29 +57,23 @@ def _show_cells(cells: tuple[tuple[int, float], ...]) -> str:
 class SweepConfig:
     """``erc-verl sweep``'s options, one field per flag (``val_prompts`` is ``--val-prompts``)."""
 
-    out: str = field(default="./erc_sweep", metadata={
-        "help": "output directory; finished runs there are kept and skipped"})
-    seeds: int = field(default=5, metadata={"help": "seeds per cell (0..N-1)"})
-    cells: tuple[tuple[int, float], ...] = field(default=((2, 1e-4), (8, 1e-4), (8, 4e-4)), metadata={
-        "help": "UPDATES@LR per cell: optimizer steps per rollout batch and actor learning rate (the default is a "
-                "ladder of growing drift)", "parse": parse_cells, "show": _show_cells,
-        "metavar": "UPDATES@LR,..."})
-    arms: tuple[str, ...] = field(default=("dapo", "dapo_erc"), metadata={
-        "help": "comma-separated recipes to compare; the paired difference is the last minus the first",
-        "parse": comma_list, "metavar": "RECIPES"})
+    out: str = option("./erc_sweep", "output directory; finished runs there are kept and skipped")
+    seeds: int = option(5, "seeds per cell (0..N-1)")
+    cells: tuple[tuple[int, float], ...] = option(
+        ((2, 1e-4), (8, 1e-4), (8, 4e-4)), "UPDATES@LR per cell: optimizer steps per rollout batch and actor "
+        "learning rate (the default is a ladder of growing drift)", parse=parse_cells, show=_show_cells,
+        metavar="UPDATES@LR,...")
+    arms: tuple[str, ...] = option(("dapo", "dapo_erc"), "comma-separated recipes to compare; the paired difference "
+                                   "is the last minus the first", parse=comma_list, metavar="RECIPES")
     erc_low: float = erc_bound("low")
     erc_high: float = erc_bound("high")
-    jobs: int = field(default=2, metadata={
-        "help": "runs at once (each ~6 GB; 2 on 2 cores finish ~1.4x sooner than one after another)"})
-    steps: int = field(default=10, metadata={"help": "RL steps per run", "group": "each run"})
-    prompts: int = field(default=8, metadata={
-        "help": "prompts per rollout batch; a multiple of every cell's UPDATES", "group": "each run"})
-    n: int = field(default=8, metadata={"help": "samples per prompt", "group": "each run"})
-    warmup_steps: int = field(default=150, metadata={"help": "supervised warm-up steps of the seed's model",
-                                                     "group": "each seed's tiny world"})
-    val_prompts: int = field(default=128, metadata={"help": "validation problems", "group": "each seed's tiny world"})
-    val_n: int = field(default=8, metadata={"help": "validation samples per problem (accuracy is their mean)",
-                                            "group": "each seed's tiny world"})
+    jobs: int = option(2, "runs at once (each ~6 GB of memory)")
+    steps: int = option(10, "RL steps per run", group="each run")
+    prompts: int = option(8, "prompts per rollout batch; a multiple of every cell's UPDATES", group="each run")
+    n: int = option(8, "samples per prompt", group="each run")
+    warmup_steps: int = option(150, "supervised warm-up steps of the seed's model", group="each seed's tiny world")
+    val_prompts: int = option(128, "validation problems", group="each seed's tiny world")
+    val_n: int = option(8, "validation samples per problem (accuracy is their mean)", group="each seed's tiny world")
 
     def __post_init__(self):
         """The one check of the options, before anything starts: a refusal names the flag and the fix."""
@@ -89,7 +84,7 @@ class SweepConfig:
         check_arms(self.arms, minimum=2)
         if self.seeds < 2:
             raise ValueError(f"--seeds must be >= 2, got {self.seeds}: an interval needs a spread "
-                             "(the README's sweep uses 5).")
+                             "(docs/demo.md's sweep uses 5).")
         check_positive(self, "prompts", "val_prompts", "val_n", "jobs")
         if self.steps < 3:
             raise ValueError(f"--steps must be >= 3, got {self.steps}: fluctuation is the std of step-to-step changes.")

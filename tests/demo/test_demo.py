@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from erc_verl.algorithm.gate import ERCBounds
+from erc_verl import flags
 from erc_verl.demo import commands, demo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,8 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _settings(*argv: str) -> demo.DemoConfig:
     """The flags as ``erc-verl demo`` reads them: generated from DemoConfig, its refusals a usage error."""
-    parser = commands.add_config_arguments(argparse.ArgumentParser(prog="erc-verl demo"), demo.DemoConfig)
-    return commands.config_from_args(parser, demo.DemoConfig, parser.parse_args(list(argv)))
+    parser = flags.add_dataclass_flags(argparse.ArgumentParser(prog="erc-verl demo"), demo.DemoConfig)
+    return flags.config_from_args(parser, demo.DemoConfig, parser.parse_args(list(argv)))
 
 
 def _demo_cmd(*args: str) -> list[str]:
@@ -73,7 +74,7 @@ def test_presets_and_flags():
     custom = _settings("--quick", "--steps", "3", "--arms", "gppo,gppo_erc")
     assert custom.steps == 3 and custom.arms == ("gppo", "gppo_erc")
     default = _settings()
-    assert (default.steps, default.prompts, default.minibatches) == (30, 16, 8) and not default.no_progress
+    assert (default.steps, default.prompts, default.minibatches) == (30, 16, 8) and default.progress
     assert demo.DemoConfig(quick=True) == quick
 
 

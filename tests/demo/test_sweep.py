@@ -11,13 +11,14 @@ import math
 import matplotlib.image
 import pytest
 
-from erc_verl.demo import commands, sweep
+from erc_verl import flags
+from erc_verl.demo import sweep
 
 
 def _settings(*argv: str) -> sweep.SweepConfig:
     """The flags as ``erc-verl sweep`` reads them: generated from SweepConfig, its refusals a usage error."""
-    parser = commands.add_config_arguments(argparse.ArgumentParser(prog="erc-verl sweep"), sweep.SweepConfig)
-    return commands.config_from_args(parser, sweep.SweepConfig, parser.parse_args(list(argv)))
+    parser = flags.add_dataclass_flags(argparse.ArgumentParser(prog="erc-verl sweep"), sweep.SweepConfig)
+    return flags.config_from_args(parser, sweep.SweepConfig, parser.parse_args(list(argv)))
 
 
 def test_cells_parse_as_updates_at_learning_rate(tmp_path):
