@@ -8,7 +8,8 @@ losses ``gppo``, ``grpo_erc``, ``gppo_erc`` and ``erc`` in verl's loss registry.
 - ``paper``: the paper's math setting (data, math-verify reward, evaluation, generation).
 - ``demo``: the CPU mini-reproduction (``erc-verl demo``, ``erc-verl sweep``) on verl's real trainer.
 - ``bench``: what ERC costs per step.
-- ``main_ppo`` (verl's ``main_ppo`` with the seams) and ``cli`` (``erc-verl``): the entry points.
+- ``main_ppo`` (verl's ``main_ppo`` with the seams) and ``cli`` (``erc-verl``): the entry points; ``flags``: their
+  command-line flags, generated from config dataclasses.
 """
 
 from erc_verl.seams.quiet import quiet_if_entry_point

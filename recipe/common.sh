@@ -5,7 +5,7 @@
 # ERC_DRY_RUN=1 runs a launch's checks (config, data and model paths; not the GPU count), prints the composed
 # config (`--cfg job`) and exits without Ray or GPUs; a refusal is one line `erc-verl: error: ...`, exit 2.
 # Defaults follow the authors' launch scripts (Kwai-Klear/ERC recipe/dapo/*_erc_1_05.sh) where verl 0.9.1 can;
-# README "Fidelity to the reference scripts" lists every setting and every difference.
+# docs/fidelity.md (rendered from recipe/fidelity.yaml) lists every setting and every difference.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}

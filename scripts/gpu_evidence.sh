@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU evidence kit: the numbers the README's "GPU: not measured" paragraph is waiting for, taken in one short run on a
+# GPU evidence kit: the numbers docs/performance.md's "GPU: the kit" table is waiting for, taken in one short run on a
 # borrowed GPU machine that has torch and transformers but no verl, no Ray, no vLLM and no network.
 #
 #   bash scripts/gpu_evidence.sh prepare [WHEEL_DIR]     HERE (registry access): wheels for the GPU into .whl/
@@ -27,7 +27,7 @@
 # On the device tool (one command from the checkout that holds this kit; carry [".whl"]; timeout_s 540; not
 # measured yet, estimated 4-6 min; KIT_TIMEOUT=450 s stops the measurements and keeps what was done):
 #   bash scripts/gpu_evidence.sh run --device cuda --out "$OUT"
-# It prints the README's GPU table (markdown) and writes into $OUT: evidence.md, evidence.json, check.json,
+# It prints docs/performance.md's GPU table (markdown) and writes into $OUT: evidence.md, evidence.json, check.json,
 # overhead.json, run.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,7 +97,7 @@ prepare)
   fi
   # erc_verl from a clean copy of the sources (a stale build/ of the checkout would be packed too)
   mkdir -p "$tmp/src"
-  cp -r pyproject.toml README.md erc_verl configs "$tmp/src"/
+  cp -r pyproject.toml README.md erc_verl configs recipe "$tmp/src"/  # pyproject's package folders
   find "$tmp/src" -name __pycache__ -prune -exec rm -rf {} +
   "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$dest" "$tmp/src"
   size_report "$dest"

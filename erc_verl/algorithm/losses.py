@@ -135,7 +135,7 @@ def _make_erc_loss(loss_mode: str) -> Callable[..., tuple[torch.Tensor, dict[str
                 f"policy loss {loss_mode!r} (Entropy Ratio Clipping) was called without {missing}. "
                 "Stock verl's ppo_loss does not pass entropies: launch with `python -m erc_verl.main_ppo`, "
                 "or bind `erc_verl.seams.actor_loss.ppo_loss_with_entropy` as the actor loss "
-                "(see README, 'Adopting ERC in an existing verl setup'). Refusing to run as plain PPO."
+                "(see README, 'ERC in your own verl run'). Refusing to run as plain PPO."
             )
         keep, erc_metrics = erc_keep_mask(entropy, old_entropy, response_mask, erc_bounds_from_config(config))
         base_fn = get_policy_loss_fn(erc_base_loss_mode(loss_mode, config))

@@ -4,8 +4,7 @@ command lines in ``scripts/bench_*.py``.
 
 - ``engine_rig``: verl's ``FSDPEngineWithLMHead`` driven on a plain module (the rig the seam tests use too).
 - ``fresh``: run a function in a fresh interpreter (own peak memory, own malloc settings), JSON result back.
-- ``flags``: command-line flags generated from a config dataclass.
 
-May import ``erc_verl.algorithm``, ``erc_verl.seams`` and ``erc_verl.demo`` (its one tiny-Qwen2 builder); never the
+May import ``erc_verl.algorithm``, ``erc_verl.seams`` ``erc_verl.demo`` (its one tiny-Qwen2 builder) and ``erc_verl.flags``; never the
 paper tooling (tests/test_layout.py).
 """

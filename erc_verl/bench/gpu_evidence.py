@@ -19,7 +19,7 @@ Two parts, results into ``--out`` (at most 5 files: the device tool returns 8):
              that fails with the compiled entropy it is rerun once with ``--entropy-compile off`` and says so.
              -> overhead.json
 
-Then evidence.json (versions, device, both parts' verdicts, wall times, Ray use) and evidence.md (the README's
+Then evidence.json (versions, device, both parts' verdicts, wall times, Ray use) and evidence.md (docs/performance.md's
 GPU table and the check's table), also printed. ``--device cpu`` runs both at a tiny shape (CI, seconds).
 
 The float64 reference is float64 except where Hugging Face's Qwen2 computes in float32 itself (RMSNorm's variance,
@@ -304,7 +304,7 @@ def _mib(n):
 
 
 def gpu_table(summary: dict, r: dict | None) -> str:
-    """The README's table: one row per variant (bench result ``r``, overhead.json) and one per dtype (check)."""
+    """docs/performance.md's GPU table: one row per variant (bench result ``r``, overhead.json) and one per dtype (check)."""
     lines = []
     b = summary.get("bench") or {}
     if r:

@@ -31,7 +31,7 @@ from erc_verl.demo.commands import (ERC_ARMS, check_arm, check_arms, check_erc_b
 from erc_verl.demo.recipe_run import CPU_RECIPES, Finished
 from erc_verl.flags import option
 
-# --quick is the smoke-test size (CI runs it), the default the one the README reports. Where their time goes (mostly
+# --quick is the smoke-test size (CI runs it), the default the one docs/demo.md reports. Where their time goes (mostly
 # a dozen processes per arm each importing torch/verl/vLLM, not the steps): docs/performance.md, "The demo's own time".
 PRESETS = {
     "quick": dict(steps=5, prompts=8, n=8, minibatches=4, eval_every=5),

@@ -5,6 +5,7 @@
 - ``workers`` / ``trainer``: the actor worker and Ray trainer that install those two, only for ERC losses.
 - ``preflight`` / ``errors``: config checks on the driver, before Ray starts (errors name the key and the fix).
 - ``diagnostics``: opt-in sampled token records for the paper's scatter figures.
+- ``run_identity``: which trainer, mode, replay buffer and loss a run used, as JSON next to verl's metrics.
 - ``quiet``: verl's import-time notices off for our command lines.
 - ``cpu``: CPU mode, a platform in verl's platform registry (``VERL_PLATFORM=cpu``) plus vLLM-CPU settings.
 

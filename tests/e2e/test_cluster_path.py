@@ -217,7 +217,7 @@ def test_legacy_trainer_erc_killed_and_resumed(world, workdir, vanilla_2ranks):
 
 
 def test_submitted_dapo_erc_job_runs_its_ranks_on_two_ray_nodes(tiny_world, workdir):
-    """scripts/ray_cluster.sh head + worker (nothing set on the nodes by hand), then the README's
+    """scripts/ray_cluster.sh head + worker (nothing set on the nodes by hand), then docs/cluster.md's
     ``NNODES=2 GPUS_PER_NODE=1 bash scripts/ray_cluster.sh submit recipe/cpu_tiny.sh dapo_erc``."""
     with two_ray_nodes() as nodes:
         submit = ["bash", str(REPO / "scripts" / "ray_cluster.sh"), "submit", str(REPO / "recipe" / "cpu_tiny.sh"),
