@@ -103,21 +103,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from erc_verl.paper.generation import generate
 
-    generate(
-        model=args.model,
-        data_dir=args.data_dir,
-        out_dir=args.out,
-        benchmarks=args.benchmarks,
-        n_override=args.n,
-        max_tokens_override=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        nnodes=args.nnodes,
-        gpus_per_node=args.gpus_per_node,
-        tensor_parallel_size=args.tensor_parallel_size,
-        resume=args.resume,
-        overrides=args.overrides,
-    )
+    generate(model=args.model, data_dir=args.data_dir, out_dir=args.out, benchmarks=args.benchmarks,
+             n_override=args.n, max_tokens_override=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+             nnodes=args.nnodes, gpus_per_node=args.gpus_per_node, tensor_parallel_size=args.tensor_parallel_size,
+             resume=args.resume, overrides=args.overrides)
     return 0
 
 

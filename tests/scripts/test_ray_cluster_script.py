@@ -97,12 +97,19 @@ def test_head_keeps_the_dashboard_and_job_api_on_loopback_unless_asked(fake_ray,
     assert "--dashboard-host=0.0.0.0" in (tmp_path / "args").read_text().split()
 
 
-def test_worker_validates_the_head_address(fake_ray, tmp_path):
+@pytest.mark.parametrize("argv, message", [
+    (("worker",), "needs the head address"),
+    (("worker", "not-an-address"), "HOST:PORT"),
+    (("submit",), "needs a recipe"),
+    (("submit", "recipe/does_not_exist.sh"), "recipe not found"),
+])
+def test_bad_arguments_exit_2_naming_what_is_wrong(fake_ray, tmp_path, argv, message):
+    res = _run(*argv, env={"RAY_BIN": str(fake_ray), "FAKE_RAY_OUT": str(tmp_path)})
+    assert res.returncode == 2 and message in res.stderr
+
+
+def test_worker_joins_the_head_address(fake_ray, tmp_path):
     env = {"RAY_BIN": str(fake_ray), "FAKE_RAY_OUT": str(tmp_path)}
-    res = _run("worker", env=env)
-    assert res.returncode == 2 and "needs the head address" in res.stderr
-    res = _run("worker", "not-an-address", env=env)
-    assert res.returncode == 2 and "HOST:PORT" in res.stderr
     res = _run("worker", "10.0.0.1:6379", env={**env, "RAY_NUM_GPUS": "8"})
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "args").read_text().split() == ["start", "--address=10.0.0.1:6379", "--num-gpus", "8"]
@@ -153,12 +160,8 @@ def test_submit_ships_the_checkout_and_the_plugin(fake_ray, tmp_path):
     assert "--no-wait" in (tmp_path / "args").read_text().split()
 
 
-def test_submit_rejects_missing_or_outside_recipes(fake_ray, tmp_path):
+def test_submit_rejects_recipes_outside_the_repo(fake_ray, tmp_path):
     env = {"RAY_BIN": str(fake_ray), "FAKE_RAY_OUT": str(tmp_path)}
-    res = _run("submit", env=env)
-    assert res.returncode == 2 and "needs a recipe" in res.stderr
-    res = _run("submit", "recipe/does_not_exist.sh", env=env)
-    assert res.returncode == 2 and "recipe not found" in res.stderr
     outside = tmp_path / "outside.sh"
     outside.write_text("echo hi\n")
     res = _run("submit", str(outside), env=env)
