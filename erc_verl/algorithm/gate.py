@@ -15,11 +15,13 @@ and it lets the same gate sit in front of any registered verl loss (GSPO, CISPO,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 
 import torch
 
 ENTROPY_EPS = 1e-8
+ACTOR = "actor_rollout_ref.actor"  # where the band's keys live in verl's config
 # erc_keep_mask's metrics: averages over the micro-batch's response tokens, then its extremes.
 ERC_TOKEN_MEAN_METRICS = ("actor/erc_clipfrac", "actor/erc_clipfrac_upper", "actor/erc_clipfrac_lower",
                           "actor/entropy_ratio_mean", "actor/entropy_ratio_std")
@@ -31,11 +33,14 @@ class ERCBounds:
     """The open interval (low, high) in which the entropy ratio keeps a token's gradient.
 
     The one check of the ERC band: the actor config, the losses, the diagnostics and the demo's
-    --erc-low/--erc-high all build one, so a band is refused with the same line wherever it comes from.
+    --erc-low/--erc-high all build one, so a band is refused by the same rule wherever it comes from; ``keys``
+    names the two settings in the refusal (the demo passes its flags).
     """
 
     low: float
     high: float
+    keys: tuple[str, str] = field(default=(f"{ACTOR}.entropy_mask_low", f"{ACTOR}.entropy_mask_high"),
+                                  compare=False, repr=False)
 
     def __post_init__(self):
         if self.low is None or self.high is None:
@@ -44,13 +49,14 @@ class ERCBounds:
                 "Launch with `python -m erc_verl.main_ppo` (its config defines them, paper: 0.95 / 1.05) or add "
                 "both keys to the actor config you pass to the loss."
             )
-        for side, value in (("low", self.low), ("high", self.high)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"actor_rollout_ref.actor.entropy_mask_{side} must be a number, got {value!r}")
+        low_key, high_key = self.keys
+        for key, value in ((low_key, self.low), (high_key, self.high)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
+                raise ValueError(f"{key} must be a number, got {value!r}")
         if not (0.0 <= self.low < self.high):
             raise ValueError(
-                f"ERC needs 0 <= entropy_mask_low < entropy_mask_high, got low={self.low}, high={self.high}. "
-                "Set actor_rollout_ref.actor.entropy_mask_low / entropy_mask_high (paper: 0.95 / 1.05)."
+                f"ERC needs 0 <= {low_key.rsplit('.', 1)[-1]} < {high_key.rsplit('.', 1)[-1]}, got low={self.low}, "
+                f"high={self.high}. Set {low_key} / {high_key} (paper: 0.95 / 1.05)."
             )
 
 

@@ -34,11 +34,8 @@ def erc_bound(which: str, **metadata) -> float:
 
 
 def check_erc_band(low: float, high: float) -> None:
-    """The band rule is the algorithm's (:class:`erc_verl.algorithm.gate.ERCBounds`); here it names the flags."""
-    try:
-        ERCBounds(low, high)
-    except ValueError as error:
-        raise ValueError(f"--erc-low {low} / --erc-high {high}: {error}") from None
+    """The band rule is the algorithm's (:class:`erc_verl.algorithm.gate.ERCBounds`), its refusal naming the flags."""
+    ERCBounds(low, high, keys=("--erc-low", "--erc-high"))
 
 
 def check_arms(arms: tuple[str, ...], minimum: int) -> None:

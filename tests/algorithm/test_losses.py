@@ -195,6 +195,16 @@ def test_one_band_check_for_the_loss_the_actor_config_and_the_diagnostics(low, h
                            entropy_mask_low=low, entropy_mask_high=high)
 
 
+def test_bounds_take_any_real_number():
+    """Python and numpy numbers alike (a caller's config may hold numpy scalars); only the band is refused."""
+    import numpy as np
+
+    from erc_verl.algorithm.gate import ERCBounds
+
+    assert ERCBounds(np.float32(0.5), np.float64(1.5)) == ERCBounds(0.5, 1.5)
+    assert ERCBounds(0, np.int64(2)) == ERCBounds(0.0, 2.0)
+
+
 def test_missing_bounds_are_refused():
     cfg = OmegaConf.create(dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, global_batch_info={}))
     with pytest.raises(ValueError, match="entropy_mask_low / entropy_mask_high are not set"):

@@ -64,8 +64,9 @@ def test_the_config_checks_its_values_where_it_is_built(tmp_path):
     with pytest.raises(ValueError) as band:
         demo.DemoConfig(erc_low=1.1, erc_high=1.05, out=str(tmp_path))
     with pytest.raises(ValueError) as algorithm:
-        ERCBounds(1.1, 1.05)
-    assert str(band.value) == f"--erc-low 1.1 / --erc-high 1.05: {algorithm.value}"
+        ERCBounds(1.1, 1.05, keys=("--erc-low", "--erc-high"))
+    assert str(band.value) == str(algorithm.value) == (
+        "ERC needs 0 <= --erc-low < --erc-high, got low=1.1, high=1.05. Set --erc-low / --erc-high (paper: 0.95 / 1.05).")
 
 
 def test_presets_and_flags():

@@ -281,7 +281,7 @@ def assert_refused_before_ray(out, seconds, message):
 
 
 BOUNDS = ("ERC needs 0 <= entropy_mask_low < entropy_mask_high, got low=1.2, high=1.1. Set "
-          "actor_rollout_ref.actor.entropy_mask_low / entropy_mask_high (paper: 0.95 / 1.05).")
+          "actor_rollout_ref.actor.entropy_mask_low / actor_rollout_ref.actor.entropy_mask_high (paper: 0.95 / 1.05).")
 
 
 @pytest.mark.integration
