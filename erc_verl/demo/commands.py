@@ -91,3 +91,14 @@ def check_arm(arm: str, rows: list[dict], steps: int, run_dir: str) -> None:
     if logged_erc != (arm in ERC_ARMS):
         raise SystemExit(f"erc-verl: {arm} {'logged' if logged_erc else 'did not log'} {ERC_CLIPFRAC}: the "
                          f"{'ERC' if arm in ERC_ARMS else 'baseline'} loss did not run as its recipe says.")
+
+
+def check_same_trainer(identities: dict[str, dict], command: str) -> None:
+    """Runs compared only on the same trainer (V1 or not, mode, replay buffer: the run identity of
+    :mod:`erc_verl.seams.run_identity`), else a difference could be the trainer's rather than ERC's."""
+    modes: dict[tuple, str] = {}
+    for name, identity in identities.items():
+        modes.setdefault(tuple((k, identity[k]) for k in ("use_v1", "trainer_mode", "replay_buffer")), name)
+    if len(modes) > 1:
+        seen = "; ".join(f"{name}: {dict(mode)}" for mode, name in modes.items())
+        raise SystemExit(f"erc-verl {command}: the runs used different trainers ({seen}); compare like with like.")

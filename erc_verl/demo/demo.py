@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from erc_verl.demo.commands import (ERC_ARMS, check_arm, check_arms, check_erc_band, check_group_size, check_out_dir,
-                                    check_positive, comma_list, erc_bound, erc_env)
+                                    check_positive, check_same_trainer, comma_list, erc_bound, erc_env)
 from erc_verl.demo.recipe_run import CPU_RECIPES, Finished
 from erc_verl.flags import option
 
@@ -194,11 +194,8 @@ def run(s: DemoConfig) -> dict:
     seconds = {arm: round(finished.wall_s, 1) for arm, finished in results.items()}
     for arm in s.arms:
         check_arm(arm, rows_by_arm[arm], s.steps, os.path.join(s.out, arm))
-    trainers = {arm: finished.identity for arm, finished in results.items()}  # erc_verl.seams.run_identity
-    modes = {arm: {k: trainer[k] for k in ("use_v1", "trainer_mode", "replay_buffer")}
-             for arm, trainer in trainers.items()}
-    if any(mode != modes[s.arms[0]] for mode in modes.values()):
-        raise SystemExit(f"erc-verl demo: the arms ran different trainer modes: {modes}; compare like with like.")
+    identities = {arm: finished.identity for arm, finished in results.items()}  # erc_verl.seams.run_identity
+    check_same_trainer(identities, "demo")
     t_rl = time.perf_counter()
 
     curves = plot_training_curves(rows_by_arm, os.path.join(s.out, "training_curves.png"),
@@ -219,7 +216,7 @@ def run(s: DemoConfig) -> dict:
     info = {
         "settings": asdict(s),
         "warmup": {"greedy_accuracy": world.greedy_accuracy},
-        "trainers": trainers,
+        "identities": identities,
         "seconds": {"warmup": t_warm - t_start, "arms": seconds, "rl": t_rl - t_warm, "total": t_end - t_start},
         "outputs": {"training_curves": curves, "figures": figures,
                     "metrics": {arm: os.path.join(s.out, arm, "metrics.jsonl") for arm in s.arms}},
@@ -233,8 +230,8 @@ def run(s: DemoConfig) -> dict:
               f"{s.minibatches} updates per rollout, lr {s.lr}, ERC band ({s.erc_low}, {s.erc_high}), seed {s.seed}):")
         print(summary.T.to_string())
     print(SUMMARY_LEGEND)
-    for arm, trainer in trainers.items():
-        print(f"{arm}: {trainer}")
+    for arm, identity in identities.items():
+        print(f"{arm}: " + " ".join(f"{key}={value}" for key, value in identity.items()))
     print(f"\nwrote {s.out}  (warm-up {t_warm - t_start:.0f} s, RL {t_rl - t_warm:.0f} s, "
           f"total {t_end - t_start:.0f} s)")
     return info

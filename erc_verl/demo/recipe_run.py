@@ -32,6 +32,7 @@ RECIPE_DIR = Path(str(files("erc_verl.recipe")))  # the top-level recipe/, insta
 CPU_RECIPES = ("dapo", "dapo_erc", "gppo", "gppo_erc", "grpo")
 
 _live: set[subprocess.Popen] = set()  # runs in flight, from any thread
+_seen: dict[int, dict[int, psutil.Process]] = {}  # run pid -> every process seen under it while it ran
 _live_lock = threading.Lock()
 _stopping = False  # set by stop_all_runs: a run starting after it is killed at once
 
@@ -92,6 +93,7 @@ def launch(argv: Sequence[str], *, log_path: str, metrics_path: str, env: Option
 
         try:
             while not killed and proc.poll() is None:
+                _note_descendants(proc)
                 follow()
                 if timeout_s is not None and time.monotonic() - start > timeout_s:
                     killed = f"timeout, {timeout_s:.0f} s"
@@ -125,22 +127,30 @@ def _read_new_rows(path: str, offset: int) -> tuple[list[dict], int]:
     return rows, offset + len(complete.encode("utf-8"))
 
 
+def _note_descendants(proc: subprocess.Popen) -> None:
+    """Remember every process under the running run: once it exits, its orphans are no longer its children."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    with _live_lock:
+        _seen.setdefault(proc.pid, {}).update((child.pid, child) for child in children)
+
+
 def _kill_everything_under(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's process group and, while it runs, every process under it: Ray puts its workers (FSDP ranks,
-    vLLM) in process groups of their own, so the group alone would leave them to die later, still holding memory."""
-    family = []
+    """SIGKILL the run's process group and every process seen under it: Ray puts its workers (FSDP ranks, vLLM) in
+    process groups of their own, so the group alone would leave them to die later, still holding memory."""
     if proc.poll() is None:  # a finished run's pid may already belong to another process
-        try:
-            family = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
+        _note_descendants(proc)
+    with _live_lock:
+        family = list(_seen.pop(proc.pid, {}).values())
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass  # the group is gone already
     for child in family:
         try:
-            child.kill()
+            child.kill()  # psutil checks the pid still names the process it saw (no reused pid is killed)
         except psutil.NoSuchProcess:
             pass
     proc.wait()

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from erc_verl.demo.commands import (check_arm, check_arms, check_erc_band, check_group_size, check_out_dir,
-                                    check_positive, comma_list, erc_bound, erc_env)
+                                    check_positive, check_same_trainer, comma_list, erc_bound, erc_env)
 from erc_verl.flags import option
 
 REPORTED = (  # run_summary key, label
@@ -158,6 +158,9 @@ def check_same_run_settings(done: dict[str, dict], s: SweepConfig, runs_path: st
     """Resuming with other per-run settings would average unlike runs: refused, naming what differs."""
     wanted = run_settings(s)
     for record in done.values():
+        if "identity" not in record:
+            raise SystemExit(f"erc-verl sweep: {runs_path} was written by an older erc-verl (no run identity); "
+                             "use another --out.")
         differ = {k: (record["settings"].get(k), v) for k, v in wanted.items() if record["settings"].get(k) != v}
         if differ:
             raise SystemExit(f"erc-verl sweep: {runs_path} holds runs made with other settings "
@@ -183,7 +186,7 @@ def _train_one(s: SweepConfig, updates: int, lr: float, seed: int, arm: str) -> 
                                     overrides=overrides, env=erc_env(s.erc_low, s.erc_high)))
     check_arm(arm, finished.rows, s.steps, run_dir)
     return {"key": key, "updates": updates, "lr": lr, "seed": seed, "arm": arm, "settings": run_settings(s),
-            "trainer": finished.identity, "wall_s": round(finished.wall_s, 1), **run_summary(finished.rows)}
+            "identity": finished.identity, "wall_s": round(finished.wall_s, 1), **run_summary(finished.rows)}
 
 
 # 97.5% quantiles of Student's t by degrees of freedom (two-sided 95% interval)
@@ -275,6 +278,7 @@ def plot_sweep(records: dict[str, dict], s: SweepConfig, path: str) -> str:
 def run(s: SweepConfig) -> dict:
     t0 = time.perf_counter()
     records = run_sweep(s)
+    check_same_trainer({key: record["identity"] for key, record in records.items()}, "sweep")
     summary = summarize(records, s)
     summary.to_csv(os.path.join(s.out, "summary.csv"), index=False)
     table = markdown_table(summary, s)

@@ -117,16 +117,9 @@ def test_a_file_error_mid_run_is_one_line(tmp_path, monkeypatch):
 
 def test_check_arm_refuses_missing_steps_and_a_silent_erc_arm(tmp_path):
     s = _settings("--quick", "--steps", "2", "--out", str(tmp_path))
-    (tmp_path / "dapo_erc").mkdir()
-    identity = {"trainer": "ERCPPOTrainerSync", "trainer_mode": "sync"}  # erc_verl.main_ppo writes it there
-    (tmp_path / "dapo_erc" / "metrics.identity.json").write_text(json.dumps(identity))
     erc_rows = [{"step": i, "critic/score/mean": 0.5, "actor/erc_clipfrac": 0.01} for i in (1, 2)]
     run_dir = str(tmp_path / "dapo_erc")
-    from erc_verl.demo.recipe_run import RecipeRun
-    from erc_verl.seams.run_identity import read_run_identity
-
     commands.check_arm("dapo_erc", erc_rows, s.steps, run_dir)
-    assert read_run_identity(RecipeRun("dapo_erc", run_dir, str(tmp_path / "tiny"), s.steps).metrics_path) == identity
     with pytest.raises(SystemExit, match="logged 1 training steps, expected 2"):
         commands.check_arm("dapo_erc", erc_rows[:1], s.steps, run_dir)
     plain_rows = [{"step": i, "critic/score/mean": 0.5} for i in (1, 2)]
@@ -134,6 +127,13 @@ def test_check_arm_refuses_missing_steps_and_a_silent_erc_arm(tmp_path):
         commands.check_arm("dapo_erc", plain_rows, s.steps, run_dir)
     with pytest.raises(SystemExit, match="logged actor/erc_clipfrac: the baseline loss did not run"):
         commands.check_arm("dapo", erc_rows, s.steps, run_dir)
+
+
+def test_arms_on_different_trainers_are_not_compared():
+    identity = {"trainer": "PPOTrainerSync", "use_v1": True, "trainer_mode": "sync", "replay_buffer": "ReplayBuffer"}
+    commands.check_same_trainer({"dapo": identity, "dapo_erc": {**identity, "trainer": "ERCPPOTrainerSync"}}, "demo")
+    with pytest.raises(SystemExit, match="erc-verl demo: the runs used different trainers"):
+        commands.check_same_trainer({"dapo": identity, "dapo_erc": {**identity, "use_v1": False}}, "demo")
 
 
 @pytest.mark.integration

@@ -65,6 +65,29 @@ def test_kill_when_kills_the_group_and_processes_in_sessions_of_their_own(tmp_pa
     assert not psutil.pid_exists(detached) or psutil.Process(detached).status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_run_that_ends_by_itself_leaves_no_process_behind(tmp_path):
+    """What it started in a session of its own (Ray's workers) is no longer its child once it exits: still killed."""
+    pid_file = tmp_path / "detached.pid"
+    finished = recipe_run.launch(["bash", "-c", f"setsid sleep 300 & echo $! > {pid_file}; sleep 0.5"],
+                                 log_path=str(tmp_path / "train.log"), metrics_path=str(tmp_path / "metrics.jsonl"),
+                                 poll_s=0.05)
+    assert finished.returncode == 0 and finished.killed == ""
+    detached = int(pid_file.read_text())
+    assert not psutil.pid_exists(detached) or psutil.Process(detached).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_recipe_run_that_writes_no_run_identity_raises(tmp_path, monkeypatch):
+    """Rows but no identity file: not a run of erc_verl.main_ppo (a stand-in recipe here, the real one below)."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    (recipes / "cpu_tiny.sh").write_text(_fake_run(str(metrics), identity=None) + "\n")
+    monkeypatch.setattr(recipe_run, "RECIPE_DIR", recipes)
+    run = recipe_run.RecipeRun(recipe="dapo", workdir=str(tmp_path / "run"), tiny_dir=str(tmp_path), steps=2)
+    with pytest.raises(recipe_run.RecipeRunError, match=f"wrote no {identity_path(str(metrics))}"):
+        recipe_run.run_recipe(run)
+
+
 def test_timeout_kills_the_run(tmp_path):
     finished = recipe_run.launch(["sleep", "300"], log_path=str(tmp_path / "train.log"),
                                  metrics_path=str(tmp_path / "metrics.jsonl"), timeout_s=0.2, poll_s=0.05)

@@ -75,7 +75,11 @@ def _records(s: sweep.SweepConfig) -> dict[str, dict]:
                                 "settings": sweep.run_settings(s),
                                 "entropy_fluct": 0.5 + seed / 10 - (0.1 if arm == "dapo_erc" else 0.0),
                                 "grad_norm_fluct": 1.0, "val_acc_end": 0.4, "ppo_kl": 0.001,
-                                "erc_clipfrac": 0.02 if arm == "dapo_erc" else float("nan"), "wall_s": 1.0}
+                                "erc_clipfrac": 0.02 if arm == "dapo_erc" else float("nan"), "wall_s": 1.0,
+                                "identity": {"trainer": "ERCPPOTrainerSync" if arm == "dapo_erc" else "PPOTrainerSync",
+                                             "use_v1": True, "trainer_mode": "sync", "replay_buffer": "ReplayBuffer",
+                                             "erc": arm == "dapo_erc", "loss_mode": "grpo_erc" if arm == "dapo_erc"
+                                             else "vanilla"}}
     return records
 
 
@@ -130,3 +134,23 @@ def test_demo_and_sweep_do_not_import_each_other():
         imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                      for alias in node.names}
         assert not any(name.startswith(other.__name__) for name in imported), (module.__name__, imported)
+
+
+def test_runs_on_different_trainers_are_not_compared(tmp_path, monkeypatch):
+    """The sweep's table pairs arms only when every run used the same trainer mode and replay buffer."""
+    s = _settings("--cells", "2@1e-4", "--seeds", "2", "--out", str(tmp_path))
+    records = _records(s)
+    records[sweep.run_key(2, 1e-4, 1, "dapo_erc")]["identity"]["trainer_mode"] = "colocate_async"
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+    monkeypatch.setattr(sweep, "_train_one", lambda *a: pytest.fail("trained"))
+    with pytest.raises(SystemExit, match="the runs used different trainers .*'trainer_mode': 'colocate_async'"):
+        sweep.run(s)
+
+
+def test_records_without_a_run_identity_are_refused(tmp_path, monkeypatch):
+    s = _settings("--cells", "2@1e-4", "--seeds", "2", "--out", str(tmp_path))
+    records = [{k: v for k, v in r.items() if k != "identity"} for r in _records(s).values()]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(sweep, "_train_one", lambda *a: pytest.fail("trained"))
+    with pytest.raises(SystemExit, match="written by an older erc-verl"):
+        sweep.run_sweep(s)
