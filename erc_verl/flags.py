@@ -4,7 +4,7 @@ turn their typed configs into ``--flags``, as TRL's ``HfArgumentParser`` does fo
 A field declares its flag with ``option(default, "help", ...)``; its type comes from the annotation (``bool``: a
 ``--x / --no-x`` pair; ``Literal[...]``: the choices; ``Optional[T]``: T), or from ``parse=`` for text such as
 comma-separated lists. Flags not given stay out of the parsed namespace, so the dataclass's defaults (or a preset a
-command layers under the flags) apply; the help shows the defaults. The dataclass checks its own values; a
+command layers under the flags, as the overhead benchmark does) apply; the help shows the defaults. The dataclass checks its own values; a
 ``ValueError`` it raises becomes argparse's usage error (one line, exit 2) in :func:`config_from_args`.
 """
 
@@ -52,18 +52,28 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> argparse.
         if "group" in meta:
             target = groups.get(meta["group"]) or groups.setdefault(meta["group"],
                                                                   parser.add_argument_group(meta["group"]))
-        target.add_argument("--" + field.name.replace("_", "-"), **kwargs)
+        target.add_argument(flag(field.name), **kwargs)
     return parser
 
 
-def config_from_args(parser: argparse.ArgumentParser, cls: type, args: argparse.Namespace, **under: Any):
-    """``cls`` from the flags given (over ``under``, e.g. a preset's values, over the dataclass's defaults); a value
-    the config refuses is a usage error: usage, one line, exit 2."""
+def config_from_args(parser: argparse.ArgumentParser, cls: type, args: argparse.Namespace):
+    """``cls`` from the flags given (the dataclass's defaults for the others); a value the config refuses is a usage
+    error: usage, one line, exit 2."""
     given = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls) if hasattr(args, field.name)}
     try:
-        return cls(**{**under, **given})
+        return cls(**given)
     except ValueError as error:
         parser.error(str(error))
+
+
+def flag(name: str) -> str:
+    """A config field's command-line flag: ``eval_every`` -> ``--eval-every``."""
+    return "--" + name.replace("_", "-")
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """A flag's comma-separated names: ``dapo, dapo_erc`` -> ("dapo", "dapo_erc")."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _shown(value: Any) -> str:

@@ -4,13 +4,15 @@ Same CLI as ``python -m verl.trainer.main_ppo`` (Hydra overrides, ``--cfg job``)
 ``ppo_trainer`` plus the ERC keys (configs/erc_ppo_trainer.yaml). With a non-ERC loss the run is
 verl's own. With an ERC loss the task runner builds the ERC trainer (erc_verl.seams.trainer).
 
-Once the trainer is built, the task runner writes the run identity (trainer class, ``use_v1``, trainer mode, replay
+As the run starts (V1: once the trainer is built; V0: as verl's run begins, the trainer class being ours), the task
+runner writes the run identity (trainer class, ``use_v1``, trainer mode, replay
 buffer, ERC on/off, loss mode) to ``<metrics path without .jsonl>.identity.json`` next to verl's file-logger metrics
 (erc_verl.seams.run_identity; e.g. ``$VERL_FILE_LOGGER_PATH=run/metrics.jsonl`` -> ``run/metrics.identity.json``). The
 task runner is a Ray actor: on a cluster the file lands on its node, like verl's metrics file.
 
-Before Ray starts, the driver checks the config (erc_verl.seams.preflight): ERC key names and types, local
-data and model paths, verl's ``validate_config``, ERC's checks; ``--cfg job`` runs the same checks
+Before Ray starts, the driver checks the config (erc_verl.seams.preflight): verl's ``validate_config`` (which
+converts the actor section to its dataclass, so misspelt keys and wrong types fail there), local data and model
+paths, ERC's own rules; ``--cfg job`` runs the same checks
 before it prints. A refusal is one line, ``erc-verl: error: <message>`` on stderr, exit status 2.
 """
 

@@ -95,10 +95,10 @@ prepare)
       mv "$w" "$dest"/
     done
   fi
-  # erc_verl from a clean copy of the sources (a stale build/ of the checkout would be packed too)
+  # erc_verl from a clean copy of the working tree's files that git sees (a stale build/ would be packed too), so
+  # every package folder pyproject.toml names comes along without a list here to keep in step
   mkdir -p "$tmp/src"
-  cp -r pyproject.toml README.md erc_verl configs recipe "$tmp/src"/  # pyproject's package folders
-  find "$tmp/src" -name __pycache__ -prune -exec rm -rf {} +
+  git ls-files -z -c -o --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$tmp/src"
   "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$dest" "$tmp/src"
   size_report "$dest"
   ;;

@@ -41,3 +41,13 @@ def test_relative_links_resolve(doc):
 def test_every_doc_is_linked_from_the_readme():
     linked = {(REPO / link.partition("#")[0]).resolve() for link in relative_links(REPO / "README.md")}
     assert not [d.name for d in DOCS[1:] if d not in linked]
+
+
+def test_the_readme_is_the_verl_users_path_first():
+    """Under 16 KB, in the order a verl user needs it: the two commands (CI runs them), ERC in one's own verl run,
+    recipes and cluster, keys, metrics, then the links to docs/."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) < 16 * 1024
+    sections = re.findall(r"^## (.*)$", _FENCE.sub("", readme), flags=re.MULTILINE)
+    assert sections == ["Two commands on a fresh machine", "ERC in your own verl run", "The recipes and the cluster",
+                        "Config keys (`actor_rollout_ref.actor.*`)", "Metrics", "More"]

@@ -5,6 +5,6 @@ command lines in ``scripts/bench_*.py``.
 - ``engine_rig``: verl's ``FSDPEngineWithLMHead`` driven on a plain module (the rig the seam tests use too).
 - ``fresh``: run a function in a fresh interpreter (own peak memory, own malloc settings), JSON result back.
 
-May import ``erc_verl.algorithm``, ``erc_verl.seams`` ``erc_verl.demo`` (its one tiny-Qwen2 builder) and ``erc_verl.flags``; never the
-paper tooling (tests/test_layout.py).
+May import ``erc_verl.algorithm``, ``erc_verl.seams``, ``erc_verl.demo`` (its one tiny-Qwen2 builder) and
+``erc_verl.flags``; never the paper tooling (tests/test_layout.py).
 """

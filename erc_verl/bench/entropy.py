@@ -27,13 +27,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from erc_verl.flags import add_dataclass_flags, option
+from erc_verl.flags import add_dataclass_flags, config_from_args, flag, option
 from erc_verl.bench.fresh import MALLOC_ENV, run_fresh
 from erc_verl.bench.overhead import device_name
 
 
 @dataclass
 class EntropyBenchConfig:
+    """What ``scripts/bench_entropy.py`` times: one logits tensor, each function on it; checked where it is built."""
+
     tokens: int = option(512, "rows of the logits tensor")
     vocab: int = option(151_936, "vocabulary size (Qwen2's by default)")
     dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of the logits")
@@ -42,13 +44,16 @@ class EntropyBenchConfig:
     min_run_time: float = option(2.0, "seconds per row (torch.utils.benchmark blocked_autorange)")
     threads: Optional[int] = option(None, "torch threads (default: torch's)")
 
+    def __post_init__(self):
+        for name, low in (("tokens", 1), ("vocab", 2), ("min_run_time", 0), ("threads", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(self, name)}")
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataclass_flags(p, EntropyBenchConfig)
-    cfg = EntropyBenchConfig(**vars(p.parse_args(argv)))
-    if cfg.tokens < 1 or cfg.vocab < 2 or cfg.min_run_time < 0 or (cfg.threads is not None and cfg.threads < 1):
-        p.error("--tokens and --threads must be >= 1, --vocab >= 2, --min-run-time >= 0")
+    cfg = config_from_args(p, EntropyBenchConfig, p.parse_args(argv))
     if cfg.device == "cpu":  # glibc keeping freed memory, which it reads once, at start: a fresh interpreter
         report = run_fresh("erc_verl.bench.entropy:measure", dataclasses.asdict(cfg),
                            malloc_env=MALLOC_ENV["cached"])

@@ -113,11 +113,9 @@ def _metric_value(value):
     return float(value)
 
 
-def _one_update(cfg: dict, model, td):
+def _one_update(cfg: "overhead.OverheadConfig", model, td):
     """One ERC micro-step as the bench's ``erc`` variant runs it, logits' gradient kept. Returns a dict of CPU
     float64 tensors / floats."""
-    import torch
-
     captured = {}
 
     def keep_logits(module, inputs, output):

@@ -25,16 +25,14 @@ building model and batch beside it as ``base``. On CUDA each reports ``torch.cud
 ``reset_peak_memory_stats`` (weights included, nothing subtracted).
 
 CPU memory: with glibc's default (dynamic) mmap threshold, freed blocks below 32 MiB stay in the heap and the
-peak RSS of identical processes differs at random (here the same variant peaked at ~2030 or ~2120 MiB, ~5%, the
-size of the 5% target). The memory processes therefore run with ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's
+peak RSS of identical processes differs at random, by as much as the target (docs/performance.md). The memory processes therefore run with ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's
 initial value, pinned): every block >= 128 KiB is its own mapping and goes back to the OS when the tensor is
 freed, so peak RSS follows live tensors (identical processes then agree to ~1 MiB). That changes where memory
 comes from, not what is counted; nothing is subtracted. ``--mem-malloc default`` keeps glibc's default.
 
 CPU time: the (tokens x vocab) logits and their gradient (311 MB each at --quick) are above glibc's largest mmap
 threshold (32 MiB), so with the default allocator every step maps them afresh and the kernel faults in and zeroes
-their pages: 200k-456k page faults and 0.4-0.9 s of system time per ~1.2 s step, varying step to step (measured
-with getrusage), which made the same variant's steps differ by 15%. The timing process therefore runs with
+their pages, a system time that varies step to step (docs/performance.md has the measurement). The timing process therefore runs with
 glibc keeping freed memory for reuse (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**40``), as CUDA's caching
 allocator does on a GPU: after warm-up the steps fault nothing and the time is the step's compute.
 ``--time-malloc default`` times with glibc's default instead. Wall times on a shared CPU machine are still noisy:
@@ -74,7 +72,7 @@ from functools import partial
 from typing import Literal, Optional
 
 from erc_verl.bench.fresh import MALLOC_ENV, run_fresh
-from erc_verl.flags import add_dataclass_flags, option
+from erc_verl.flags import add_dataclass_flags, comma_list, flag, option
 
 VARIANTS = ("dapo", "erc", "graph_entropy")
 REAL_VOCAB = 151_936
@@ -102,16 +100,12 @@ def comma_separated_ints(text: str) -> tuple[int, ...]:
     return tuple(int(t) for t in text.split(",") if t)
 
 
-def comma_separated_names(text: str) -> tuple[str, ...]:
-    return tuple(t for t in text.split(",") if t)
-
-
 @dataclass
 class OverheadConfig:
     """What the benchmark measures and how. Explicit flags override ``--preset`` / ``--quick``, which override
     these defaults; ``resolved()`` fills the derived fields and is the one place flags are validated."""
 
-    quick: bool = option(False, "the small CPU shape the targets are defined for (a few minutes on 2 idle cores): "
+    quick: bool = option(False, "the small CPU shape the targets are defined for: "
                          + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     preset: Optional[str] = option(None, "model/token shapes of a real model (random weights)",
                                    choices=tuple(sorted(PRESETS)))
@@ -152,7 +146,7 @@ class OverheadConfig:
     timer: Literal["wall", "cpu"] = option(
         "wall", "which medians the ratios and the check use (cpu = process CPU time, CPU only)")
     variants: tuple[str, ...] = option(VARIANTS, "variants to run, comma-separated (dapo always runs)",
-                                       parse=comma_separated_names)
+                                       parse=comma_list)
     memory: bool = option(True, "run the per-variant memory processes")
     json: Optional[str] = option(None, "write the results as JSON to this path")
     check: bool = option(False, "exit 1 when the acceptance check fails")
@@ -166,13 +160,13 @@ class OverheadConfig:
         for name in ("hidden_size", "layers", "heads", "kv_heads", "vocab", "seqs", "reps", "mem_runs",
                      "entropy_chunk_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ValueError(f"{flag(name)} must be >= 1")
         for name in ("warmup", "mem_steps"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+                raise ValueError(f"{flag(name)} must be >= 0")
         for name in ("threads", "mem_jobs", "intermediate_size", "max_position_embeddings"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ValueError(f"{flag(name)} must be >= 1")
         if not 0 < self.response_frac < 1:
             raise ValueError("--response-frac must lie strictly between 0 and 1")
         if self.timer == "cpu" and self.device != "cpu":

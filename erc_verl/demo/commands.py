@@ -1,4 +1,5 @@
-"""What ``erc-verl demo`` and ``erc-verl sweep`` share: the checks of their config values, the ERC band handed to the recipes, and the check of a finished arm's metrics.
+"""What ``erc-verl demo`` and ``erc-verl sweep`` share: the checks of their config values, the ERC band handed to
+the recipes, and the checks of finished runs (metrics, same trainer).
 
 Each command's options are one dataclass whose fields carry their help (:func:`erc_verl.flags.option`, as verl's
 and TRL's configs do); :mod:`erc_verl.flags` makes the ``--flags`` from it, and the dataclass's ``__post_init__`` is
@@ -11,19 +12,9 @@ import os
 
 from erc_verl.algorithm.config import ERCFSDPActorConfig
 from erc_verl.algorithm.gate import ERCBounds
-from erc_verl.flags import option
+from erc_verl.flags import flag, option
 
 ERC_ARMS = ("dapo_erc", "gppo_erc")  # the recipes that gate with ERC (and log its metrics and token diagnostics)
-
-
-def flag(name: str) -> str:
-    """A config field's command-line flag: ``eval_every`` -> ``--eval-every``."""
-    return "--" + name.replace("_", "-")
-
-
-def comma_list(text: str) -> tuple[str, ...]:
-    """``--arms dapo, dapo_erc`` -> ("dapo", "dapo_erc")."""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def erc_bound(which: str, **metadata) -> float:

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from erc_verl.demo.commands import (ERC_ARMS, check_arm, check_arms, check_erc_band, check_group_size, check_out_dir,
-                                    check_positive, check_same_trainer, comma_list, erc_bound, erc_env)
+                                    check_positive, check_same_trainer, erc_bound, erc_env)
 from erc_verl.demo.recipe_run import CPU_RECIPES, Finished
-from erc_verl.flags import option
+from erc_verl.flags import comma_list, option
 
 # --quick is the smoke-test size (CI runs it), the default the one docs/demo.md reports. Where their time goes (mostly
 # a dozen processes per arm each importing torch/verl/vLLM, not the steps): docs/performance.md, "The demo's own time".

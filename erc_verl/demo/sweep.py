@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from erc_verl.demo.commands import (check_arm, check_arms, check_erc_band, check_group_size, check_out_dir,
-                                    check_positive, check_same_trainer, comma_list, erc_bound, erc_env)
-from erc_verl.flags import option
+                                    check_positive, check_same_trainer, erc_bound, erc_env)
+from erc_verl.flags import comma_list, option
 
 REPORTED = (  # run_summary key, label
     ("entropy_fluct", "entropy fluctuation"),

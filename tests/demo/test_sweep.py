@@ -51,7 +51,7 @@ def test_bad_flags_are_refused_before_anything_runs(command_line, capsys):
     assert message in err[-1]
 
 
-def test_defaults_are_the_readme_sweep(tmp_path):
+def test_defaults_are_the_documented_sweep(tmp_path):
     s = _settings("--out", str(tmp_path))
     assert s == sweep.SweepConfig(out=str(tmp_path))
     assert (s.cells, s.seeds, s.arms, s.steps) == (((2, 1e-4), (8, 1e-4), (8, 4e-4)), 5, ("dapo", "dapo_erc"), 10)

@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -25,7 +26,6 @@ _SCRUBBED = ("VERL_PLATFORM", "VERL_ENGINE_DEVICE", "VERL_ENGINE_VENDOR", "VERL_
              "VERL_USE_EXTERNAL_MODULES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
              "DIST_INIT_METHOD")
 SUBPROCESS_TIMEOUT_S = 120
-RESULT_MARK = "ERC_TEST_RESULT="
 
 
 def _free_port() -> int:
@@ -50,13 +50,16 @@ def run_python():
         if cpu_mode:
             child_env["VERL_PLATFORM"] = "cpu"
         child_env.update(env)
-        prelude = f"import json as _json\ndef emit(obj):\n    print({RESULT_MARK!r} + _json.dumps(obj), flush=True)\n"
-        proc = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd="/",
-                              env=child_env, timeout=SUBPROCESS_TIMEOUT_S)
-        output = proc.stdout + proc.stderr
-        results = [line[len(RESULT_MARK):] for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-        assert proc.returncode == 0 and len(results) == 1, f"probe exited {proc.returncode}:\n{output[-6000:]}"
-        return json.loads(results[0])
+        with tempfile.TemporaryDirectory() as tmp:
+            result = os.path.join(tmp, "result.json")
+            prelude = (f"import json as _json\ndef emit(obj):\n    with open({result!r}, 'x') as f:\n"
+                       "        _json.dump(obj, f)\n")
+            proc = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd="/",
+                                  env=child_env, timeout=SUBPROCESS_TIMEOUT_S)
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 0 and os.path.exists(result), f"probe exited {proc.returncode}:\n{output[-6000:]}"
+            with open(result) as f:
+                return json.load(f)
 
     return run
 
